@@ -1,0 +1,8 @@
+"""pragnosia-pl: Mixture-of-Experts language models trained by local learning, at device memory flat in n."""
+
+from pragnosia_pl.baselines import DenseLM, GlobalMoE
+from pragnosia_pl.data import TextDomains
+from pragnosia_pl.module import PragnosiaLM
+
+__all__ = ["DenseLM", "GlobalMoE", "PragnosiaLM", "TextDomains"]
+__version__ = "0.1.0"

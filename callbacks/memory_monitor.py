@@ -1,0 +1,148 @@
+"""Per-step memory panels: device and host memory within each training step, plus the module's own counters."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from . import _memory
+
+
+class MemoryMonitor(Callback):
+    r"""Log the memory each training step needs, and keep it in :attr:`history`.
+
+    Before a step the peaks are reset; after it they are read, so a *peak* is the peak within that step
+    (DESIGN §6). Logged under ``prefix`` (bytes):
+
+    - ``rss_bytes``, ``peak_rss_bytes``: the process's resident set now and its peak within the step
+      (``VmRSS``/``VmHWM``; the peak is reset through ``/proc/self/clear_refs``. Where that is not possible,
+      ``peak_rss_bytes`` is the peak of the whole process so far, from ``resource.getrusage``).
+    - ``cuda_allocated_bytes``, ``cuda_reserved_bytes``, ``cuda_peak_bytes``: when the module is on a CUDA
+      device; the peak is ``torch.cuda.max_memory_allocated`` within the step.
+    - every key of ``pl_module.memory_stats()`` when the module has that method (a flat ``dict[str, float]``,
+      e.g. resident experts, bytes moved in and out, cache hits).
+
+    Values go through ``pl_module.log(..., on_step=True)``, so they reach the loggers at the Trainer's
+    ``log_every_n_steps`` cadence and are in ``trainer.callback_metrics``. With a ``TensorBoardLogger`` a
+    custom-scalars layout is written too: TensorBoard's *Custom Scalars* tab shows a "Memory" section with
+    current against peak in one chart, and the module's bytes moved in and out (any key ending in
+    ``bytes_in``/``bytes_out``) in another.
+
+    Args:
+        every_n_steps: measure every this many training batches.
+        prefix: prepended to every logged key.
+
+    Attributes:
+        history: one dict per measured step: ``"step"`` (``trainer.global_step`` after the step) and the
+            values above without the prefix. Not checkpointed; it starts empty in each process.
+
+    Raises:
+        ValueError: if ``every_n_steps`` is not a positive integer, or ``prefix`` is empty.
+        TypeError: if ``pl_module.memory_stats()`` does not return a mapping of str to numbers.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from callbacks import MemoryMonitor
+
+        monitor = MemoryMonitor(every_n_steps=10)
+        trainer = Trainer(callbacks=[monitor], log_every_n_steps=10)
+        trainer.fit(model)
+        peaks = [row["peak_rss_bytes"] for row in monitor.history]
+    """
+
+    def __init__(self, every_n_steps: int = 1, prefix: str = "memory/") -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"MemoryMonitor.every_n_steps ({every_n_steps!r}) must be an integer ≥ 1")
+        if not prefix:
+            raise ValueError("MemoryMonitor.prefix must be a non-empty string such as 'memory/'")
+        self.every_n_steps = every_n_steps
+        self.prefix = prefix
+        self.history: list[dict[str, float]] = []
+        self._batches_seen = 0
+        self._measuring = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batches_seen = 0
+        layout = memory_layout(
+            self.prefix,
+            on_cuda=pl_module.device.type == "cuda",
+            module_stats=callable(getattr(pl_module, "memory_stats", None)),
+        )
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                self._write_layout(logger, layout)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._measuring = self._batches_seen % self.every_n_steps == 0
+        if self._measuring:
+            _memory.reset_peak(pl_module.device)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches_seen += 1
+        if not self._measuring:
+            return
+        stats = _memory.read_memory(pl_module.device)
+        stats.update(module_memory_stats(pl_module))
+        pl_module.log_dict({self.prefix + k: v for k, v in stats.items()}, on_step=True, on_epoch=False)
+        self.history.append({"step": float(trainer.global_step), **stats})
+
+    @rank_zero_only
+    def _write_layout(self, logger: TensorBoardLogger, layout: dict[str, dict[str, list]]) -> None:
+        writer = logger.experiment
+        if hasattr(writer, "add_custom_scalars"):
+            writer.add_custom_scalars(layout)
+
+
+def module_memory_stats(pl_module: pl.LightningModule) -> dict[str, float]:
+    """``pl_module.memory_stats()`` as ``dict[str, float]``; empty when the module has no such method."""
+    memory_stats = getattr(pl_module, "memory_stats", None)
+    if not callable(memory_stats):
+        return {}
+    stats = memory_stats()
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            f"{type(pl_module).__name__}.memory_stats() must return a flat dict[str, float], got {type(stats).__name__}"
+        )
+    try:
+        return {str(key): float(value) for key, value in stats.items()}
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{type(pl_module).__name__}.memory_stats() must return a flat dict[str, float] (numbers only): {err}"
+        ) from err
+
+
+def memory_layout(prefix: str, on_cuda: bool, module_stats: bool) -> dict[str, dict[str, list]]:
+    """The "Memory" category of TensorBoard's custom-scalars layout, as ``SummaryWriter.add_custom_scalars`` takes.
+
+    Charts are ``Multiline`` with regular expressions over the logged tags, so they fill in with whatever keys
+    the module's ``memory_stats()`` returns (``module_stats``: whether it has that method).
+    """
+    p = re.escape(prefix)
+    own = "rss_bytes|peak_rss_bytes|cuda_allocated_bytes|cuda_reserved_bytes|cuda_peak_bytes"
+    charts: dict[str, list] = {
+        "host memory: current vs peak within step (bytes)": ["Multiline", [rf"^{p}(rss_bytes|peak_rss_bytes)$"]],
+    }
+    if on_cuda:
+        charts["CUDA memory: allocated, reserved, peak within step (bytes)"] = [
+            "Multiline",
+            [rf"^{p}cuda_(allocated|reserved|peak)_bytes$"],
+        ]
+    if module_stats:
+        charts["bytes moved in/out"] = ["Multiline", [rf"^{p}.*bytes_(in|out)$"]]
+        charts["module memory counters"] = ["Multiline", [rf"^{p}(?!({own})$)(?!.*bytes_(in|out)$).+$"]]
+    return {"Memory": charts}

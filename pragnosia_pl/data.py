@@ -1,0 +1,284 @@
+"""``TextDomains``: local text files as named domains of byte tokens, packed into fixed blocks."""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from typing_extensions import override
+
+from pragnosia_pl.domains import load_domain_bytes, resolve_domain
+
+DEFAULT_DOMAINS = {"code": "stdlib-code", "prose": "stdlib-docs"}
+
+
+class BlockDataset(Dataset):
+    """Non-overlapping blocks of ``block_size + 1`` byte tokens; item ``i`` is ``(x, y)`` with ``y`` = ``x`` shifted.
+
+    Args:
+        tokens: The domain's byte tokens, ``uint8`` of shape ``(N,)``.
+        blocks: Which blocks of ``tokens`` this dataset holds (block ``b`` starts at ``b * (block_size + 1)``).
+        block_size: Tokens per input sequence ``T``.
+    """
+
+    def __init__(self, tokens: torch.Tensor, blocks: torch.Tensor, block_size: int) -> None:
+        self.tokens = tokens
+        self.blocks = blocks
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(self.blocks[index]) * (self.block_size + 1)
+        block = self.tokens[start : start + self.block_size + 1].long()  # (T + 1,)
+        return block[:-1], block[1:]  # (T,), (T,)
+
+
+class EpochSampler(Sampler[int]):
+    """A random order of ``range(num_samples)`` that depends only on ``(seed, epoch)``, not on the global RNG.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch, so a run resumed at an epoch boundary sees
+    the same batches in the same order as an uninterrupted one.
+
+    Args:
+        num_samples: Size of the dataset.
+        seed: Seed of the order.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def _collate_blocks(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = zip(*batch)
+    return torch.stack(inputs), torch.stack(targets)  # (B, T), (B, T)
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("PRAGNOSIA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pragnosia")
+
+
+class TextDomains(pl.LightningDataModule):
+    """Named domains of local text, byte-tokenised and packed into blocks, for language modelling.
+
+    Each domain's files are read through Hugging Face ``datasets`` (cached under ``cache_dir``, keyed on every
+    file's size and mtime; nothing is downloaded), encoded as UTF-8 bytes (vocabulary 256), joined with a blank
+    line between documents and cut into non-overlapping blocks of ``block_size + 1`` bytes. A seeded permutation
+    of each domain's blocks gives a deterministic train/val split. Training mixes the active domains (all, or
+    the one chosen with :meth:`set_domain`) in an order fixed by ``(seed, epoch)``; validation has one loader
+    per domain, in the order of :attr:`val_domain_names`. A batch is ``(x, y)``, two ``LongTensor`` of shape
+    ``(batch_size, block_size)`` with ``y`` = ``x`` shifted by one token.
+
+    Args:
+        domains: Domain name to its text: a preset (``stdlib-code``: the standard library's ``.py`` files
+            without tests; ``stdlib-docs``: the prose of ``pydoc_data/topics.py``; ``licenses``:
+            ``/usr/share/common-licenses/*``), a path, a glob, or a list of these. ``None``:
+            ``{"code": "stdlib-code", "prose": "stdlib-docs"}``.
+        block_size: Tokens per training sequence ``T``.
+        batch_size: Sequences per batch ``B``.
+        val_fraction: Share of each domain's blocks held out for validation (at least one block).
+        max_bytes_per_domain: Read at most this many bytes of each domain (files in order); ``None``: all.
+        num_workers: ``DataLoader`` worker processes.
+        seed: Seed of the train/val split and of the training order.
+        cache_dir: Where ``datasets`` caches the read files; ``None``: ``$PRAGNOSIA_CACHE`` or
+            ``~/.cache/pragnosia``.
+
+    Raises:
+        ValueError: On an invalid argument, naming its ``data.*`` key; at :meth:`setup`, on a domain whose files
+            don't exist, hold no text, or are shorter than two blocks.
+
+    Example::
+
+        from pragnosia_pl import TextDomains
+
+        data = TextDomains({"code": "stdlib-code", "notes": ["docs/*.md", "README.md"]}, block_size=64)
+        data.setup("fit")
+        x, y = next(iter(data.train_dataloader()))  # (16, 64) each
+        data.set_domain("notes")  # the next train_dataloader() draws from "notes" only
+    """
+
+    def __init__(
+        self,
+        domains: dict[str, str | list[str]] | None = None,
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        max_bytes_per_domain: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        domains = dict(DEFAULT_DOMAINS if domains is None else domains)
+        if not domains:
+            raise ValueError("data.domains is empty; name at least one domain, e.g. {code: stdlib-code}")
+        if block_size < 1:
+            raise ValueError(f"data.block_size ({block_size}) must be ≥ 1")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size ({batch_size}) must be ≥ 1")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"data.val_fraction ({val_fraction}) must be in (0, 1)")
+        if max_bytes_per_domain is not None and max_bytes_per_domain < 1:
+            raise ValueError(f"data.max_bytes_per_domain ({max_bytes_per_domain}) must be ≥ 1 or null")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers ({num_workers}) must be ≥ 0")
+        self.save_hyperparameters()
+        self.domains = domains
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.max_bytes_per_domain = max_bytes_per_domain
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir or _default_cache_dir()
+        self.active_domain: str | None = None
+        self._tokens: dict[str, torch.Tensor] = {}
+        self._train: dict[str, BlockDataset] = {}
+        self._val: dict[str, BlockDataset] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    @property
+    def domain_names(self) -> list[str]:
+        return list(self.domains)
+
+    @property
+    def val_domain_names(self) -> list[str]:
+        """Names of the validation dataloaders, in order (``dataloader_idx`` ``i`` is domain ``i``)."""
+        return list(self.domains)
+
+    @override
+    def prepare_data(self) -> None:
+        for key, spec in self.domains.items():
+            load_domain_bytes(key, resolve_domain(key, spec), self.max_bytes_per_domain, self.cache_dir)
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self._tokens:
+            return
+        tokens_of, train, val, lines = {}, {}, {}, []
+        for key, spec in self.domains.items():
+            stream = load_domain_bytes(key, resolve_domain(key, spec), self.max_bytes_per_domain, self.cache_dir)
+            tokens = torch.from_numpy(stream)  # (N,) uint8
+            num_blocks = len(tokens) // (self.block_size + 1)
+            if num_blocks < 2:
+                raise ValueError(
+                    f"data.domains.{key}: {len(tokens):,} bytes make {num_blocks} block(s) of data.block_size + 1 = "
+                    f"{self.block_size + 1} bytes (need ≥ 2): data.block_size ({self.block_size}) is too large "
+                    "for its text"
+                )
+            order = np.random.default_rng([self.seed, zlib.crc32(key.encode())]).permutation(num_blocks)
+            num_val = min(max(1, math.ceil(self.val_fraction * num_blocks)), num_blocks - 1)
+            tokens_of[key] = tokens
+            val[key] = BlockDataset(tokens, torch.from_numpy(np.sort(order[:num_val])), self.block_size)
+            train[key] = BlockDataset(tokens, torch.from_numpy(np.sort(order[num_val:])), self.block_size)
+            size = f"{len(tokens) / 1e6:.1f} MB" if len(tokens) >= 100_000 else f"{len(tokens) / 1e3:.1f} kB"
+            lines.append(f"{key} {size} ({len(train[key]):,} train / {num_val:,} val blocks)")
+        self._tokens, self._train, self._val = tokens_of, train, val
+        rank_zero_info("data: " + ", ".join(lines))
+
+    def set_domain(self, name: str | None) -> None:
+        """Restricts training to one domain from the next ``train_dataloader()`` on.
+
+        Args:
+            name: A key of ``domains``, or ``None`` for all domains.
+
+        Raises:
+            ValueError: If ``name`` is not a domain.
+        """
+        if name is not None and name not in self.domains:
+            raise ValueError(f"unknown domain {name!r}; domains: {', '.join(self.domains)}")
+        self.active_domain = name
+
+    def num_tokens(self, domain: str, split: str = "train") -> int:
+        """Target tokens in ``split`` (``"train"`` or ``"val"``) of ``domain``: blocks × ``block_size``."""
+        self._check_setup()
+        if domain not in self.domains:
+            raise ValueError(f"unknown domain {domain!r}; domains: {', '.join(self.domains)}")
+        splits = {"train": self._train, "val": self._val}
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; splits: train, val")
+        return len(splits[split][domain]) * self.block_size
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Per domain: ``bytes`` read, ``train_blocks``, ``val_blocks``, ``train_tokens``, ``val_tokens``."""
+        self._check_setup()
+        return {
+            key: {
+                "bytes": len(self._tokens[key]),
+                "train_blocks": len(self._train[key]),
+                "val_blocks": len(self._val[key]),
+                "train_tokens": self.num_tokens(key, "train"),
+                "val_tokens": self.num_tokens(key, "val"),
+            }
+            for key in self.domains
+        }
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        self._check_setup()
+        names = list(self.domains) if self.active_domain is None else [self.active_domain]
+        dataset = ConcatDataset([self._train[name] for name in names])
+        if len(dataset) < self.batch_size:
+            raise ValueError(
+                f"data.batch_size ({self.batch_size}) exceeds the {len(dataset)} training blocks of "
+                f"{', '.join(names)}; lower data.batch_size or data.block_size"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(dataset), self.seed),
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=_collate_blocks,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def val_dataloader(self) -> list[DataLoader]:
+        self._check_setup()
+        return [
+            DataLoader(
+                self._val[name],
+                batch_size=self.batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                collate_fn=_collate_blocks,
+                persistent_workers=self.num_workers > 0,
+            )
+            for name in self.val_domain_names
+        ]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"active_domain": self.active_domain}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.set_domain(state_dict.get("active_domain"))
+
+    def _check_setup(self) -> None:
+        if not self._tokens:
+            raise RuntimeError("TextDomains: call setup() first (the Trainer does this)")

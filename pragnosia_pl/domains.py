@@ -1,0 +1,202 @@
+"""Text domains: preset names and paths/globs resolved to files, read through Hugging Face ``datasets``.
+
+A domain value is a preset name (``stdlib-code``, ``stdlib-docs``, ``licenses``), a path, a glob, or a list
+of these. Files are read as bytes and decoded as UTF-8 with replacement, so no file can crash the load;
+empty files are skipped. The documents pass through ``datasets.Dataset.from_generator`` with a fingerprint
+built from every file's path, size and mtime, so a cached domain is reused until one of its files changes.
+Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+# Bump when the documents a source yields change, so old caches are not reused.
+_READER_VERSION = 1
+DOCUMENT_SEPARATOR = b"\n\n"
+_GLOB_CHARS = frozenset("*?[")
+_STDLIB_SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "encodings", "site-packages", "dist-packages", "__pycache__"}
+)
+_LICENSES_DIR = "/usr/share/common-licenses"
+
+
+class Source(NamedTuple):
+    """One file of a domain; ``kind`` says how to read it: ``"text"`` or ``"pydoc-topics"``."""
+
+    path: str
+    kind: str = "text"
+
+
+def _stdlib_code() -> list[Source]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
+        files.extend(Path(dirpath, name) for name in filenames if name.endswith(".py"))
+    return [Source(str(f)) for f in sorted(files, key=lambda f: f.relative_to(root).as_posix())]
+
+
+def _stdlib_docs() -> list[Source]:
+    return [Source(str(Path(sysconfig.get_paths()["stdlib"], "pydoc_data", "topics.py")), "pydoc-topics")]
+
+
+def _licenses() -> list[Source]:
+    if not os.path.isdir(_LICENSES_DIR):
+        raise FileNotFoundError(f"preset 'licenses' reads {_LICENSES_DIR}/* (Debian/Ubuntu); it is not on this machine")
+    return [Source(p) for p in sorted(glob.glob(os.path.join(_LICENSES_DIR, "*"))) if os.path.isfile(p)]
+
+
+PRESETS = {"stdlib-code": _stdlib_code, "stdlib-docs": _stdlib_docs, "licenses": _licenses}
+
+
+def _looks_like_path(spec: str) -> bool:
+    return os.sep in spec or "/" in spec or bool(_GLOB_CHARS & set(spec)) or os.path.exists(spec)
+
+
+def _match(pattern: str) -> list[Source]:
+    pattern = os.path.expanduser(pattern)
+    if os.path.isfile(pattern):
+        return [Source(pattern)]
+    if os.path.isdir(pattern):
+        pattern = os.path.join(pattern, "**", "*")
+    return [Source(p) for p in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(p)]
+
+
+def resolve_domain(key: str, spec: str | list[str]) -> list[Source]:
+    """Turns one ``data.domains`` value into its files, in reading order, without duplicates.
+
+    Args:
+        key: The domain's name, used in error messages (``data.domains.<key>``).
+        spec: A preset name, a path, a glob (``**`` recurses; a directory means every file below it), or a
+            list of these.
+
+    Raises:
+        ValueError: If a name is neither a preset nor a path, a preset is unavailable, or nothing matches.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise ValueError(f"data.domains.{key}: the list of files is empty")
+    sources: list[Source] = []
+    for item in specs:
+        if item in PRESETS:
+            try:
+                found = PRESETS[item]()
+            except FileNotFoundError as err:
+                raise ValueError(f"data.domains.{key}: {err}") from None
+        elif _looks_like_path(item):
+            found = _match(item)
+        else:
+            raise ValueError(
+                f"data.domains.{key}: {item!r} is neither a preset nor an existing path; "
+                f"presets: {', '.join(PRESETS)} (or give a path or glob)"
+            )
+        if not found:
+            raise ValueError(f"data.domains.{key}: no files match {item!r}")
+        sources.extend(found)
+    seen: set[str] = set()
+    unique = []
+    for source in sources:
+        real = os.path.realpath(source.path)
+        if real not in seen:
+            seen.add(real)
+            unique.append(source)
+    return unique
+
+
+def _pydoc_topics(raw: bytes) -> list[str]:
+    """The prose values of ``pydoc_data/topics.py``'s ``topics`` dict, in key order; the file itself if unparsable."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "topics" for t in node.targets):
+                topics = ast.literal_eval(node.value)
+                return [topics[name] for name in sorted(topics)]
+    except (SyntaxError, ValueError, TypeError):
+        pass
+    return [text]
+
+
+def _read_documents(sources: list[tuple[str, str]]) -> Iterator[dict[str, str]]:
+    for path, kind in sources:
+        raw = Path(path).read_bytes()
+        texts = _pydoc_topics(raw) if kind == "pydoc-topics" else [raw.decode("utf-8", errors="replace")]
+        for text in texts:
+            if text:
+                yield {"path": path, "text": text}
+
+
+def _select(sources: list[Source], max_bytes: int | None) -> list[tuple[str, str, int, int]]:
+    """Sources in order, with size and mtime, stopping once their sizes reach ``max_bytes``."""
+    selected, total = [], 0
+    for source in sources:
+        stat = os.stat(source.path)
+        if stat.st_size == 0:
+            continue
+        selected.append((source.path, source.kind, stat.st_size, stat.st_mtime_ns))
+        total += stat.st_size
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return selected
+
+
+def load_domain_bytes(key: str, sources: list[Source], max_bytes: int | None, cache_dir: str) -> np.ndarray:
+    """Reads a domain's files through ``datasets`` and returns their UTF-8 bytes, joined and truncated.
+
+    Documents are joined by ``DOCUMENT_SEPARATOR``; files are taken in order and no file past the one that
+    reaches ``max_bytes`` is read.
+
+    Args:
+        key: The domain's name, used in error messages.
+        sources: The domain's files, from :func:`resolve_domain`.
+        max_bytes: Keep at most this many bytes (``None``: all).
+        cache_dir: The ``datasets`` cache directory.
+
+    Returns:
+        A ``uint8`` array of the domain's bytes (its byte tokens).
+
+    Raises:
+        ValueError: If the files hold no text.
+    """
+    selected = _select(sources, max_bytes)
+    if not selected:
+        raise ValueError(f"data.domains.{key}: files hold no text")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    fingerprint = hashlib.sha256(json.dumps([_READER_VERSION, selected]).encode()).hexdigest()[:32]
+    try:
+        documents = datasets.Dataset.from_generator(
+            _read_documents,
+            features=datasets.Features({"path": datasets.Value("string"), "text": datasets.Value("string")}),
+            cache_dir=cache_dir,
+            gen_kwargs={"sources": [(path, kind) for path, kind, _, _ in selected]},
+            fingerprint=fingerprint,
+        )
+    except ValueError as err:  # datasets refuses an empty split
+        if "corresponds to no data" in str(err):
+            raise ValueError(f"data.domains.{key}: files hold no text") from None
+        raise
+    chunks: list[bytes] = []
+    total = 0
+    for text in documents["text"]:
+        if chunks:
+            chunks.append(DOCUMENT_SEPARATOR)
+        chunks.append(text.encode("utf-8"))
+        total += len(DOCUMENT_SEPARATOR) * (len(chunks) > 1) + len(chunks[-1])
+        if max_bytes is not None and total >= max_bytes:
+            break
+    stream = b"".join(chunks)[:max_bytes]
+    if not stream:
+        raise ValueError(f"data.domains.{key}: files hold no text")
+    return np.frombuffer(stream, dtype=np.uint8).copy()

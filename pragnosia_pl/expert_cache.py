@@ -1,0 +1,217 @@
+"""LRU cache of expert records in a fixed number of device slots (DESIGN §5)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from pragnosia_pl.store import ExpertStore, Pending
+
+
+class ExpertCache:
+    """``capacity`` device slots holding the records of the most recently used experts.
+
+    The slots are one ``(capacity, record_numel)`` tensor allocated at construction, so at most
+    ``capacity`` experts are ever on the device and device memory does not depend on the number of
+    experts. A hit costs no transfer; a miss evicts the least recently used expert (writing it back to
+    the store if it is dirty) and reads the new one into its slot. :meth:`prefetch` starts that read
+    early (on the store's worker thread or CUDA side stream) so it overlaps with compute.
+
+    The slot returned by the most recent :meth:`load` is never evicted by :meth:`prefetch`, nor by
+    :meth:`load` while another slot can be evicted, so a caller working on expert ``a`` can prefetch
+    ``b``.
+
+    Args:
+        store: where the records live off the device.
+        capacity: number of device slots (``model.expert_cache``); clamped to ``store.num_experts``.
+        device: the compute device the slots live on.
+
+    Raises:
+        ValueError: ``capacity`` below 1.
+
+    Example::
+
+        cache = ExpertCache(store, capacity=4, device="cuda")
+        record = cache.load(3)  # (R,) view of a slot
+        cache.prefetch(5)  # read 5 while expert 3 trains
+        record.add_(update)
+        cache.mark_dirty(3)  # written back when evicted or flushed
+        cache.flush()
+        store.snapshot("ckpt/experts")
+    """
+
+    def __init__(self, store: ExpertStore, capacity: int, device: torch.device | str) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"model.expert_cache ({capacity!r}) must be an integer ≥ 1")
+        self.store = store
+        self.capacity = min(capacity, store.num_experts)
+        self.device = torch.device(device)
+        self.slots = torch.zeros(self.capacity, store.record_numel, device=self.device)  # (C, R)
+        self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident expert -> slot, least recent first
+        self._free_slots = list(range(self.capacity - 1, -1, -1))
+        self._dirty: set[int] = set()
+        self._loading: dict[int, Pending] = {}  # prefetched experts whose read may still be in flight
+        self._writebacks: list[Pending] = []
+        self._current: int | None = None  # expert returned by the most recent load()
+        self._counters = dict(
+            hits=0, misses=0, loads=0, prefetches=0, evictions=0, writebacks=0, bytes_in=0, bytes_out=0
+        )
+
+    def load(self, expert_id: int) -> torch.Tensor:
+        """Makes ``expert_id`` resident and returns its slot, a ``(record_numel,)`` view of :attr:`slots`.
+
+        The record is ready for work queued on the current CUDA stream (or at once on the CPU).
+
+        Raises:
+            IndexError: ``expert_id`` out of range.
+            CorruptRecordError: the store found the record damaged (the expert is then not resident).
+        """
+        self._check_id(expert_id)
+        self._reap_writebacks()
+        self._counters["loads"] += 1
+        slot = self._slot_of.get(expert_id)
+        if slot is not None:
+            self._counters["hits"] += 1
+            self._slot_of.move_to_end(expert_id)
+            pending = self._loading.pop(expert_id, None)
+        else:
+            self._counters["misses"] += 1
+            slot = self._take_slot(may_evict_current=True, may_evict_loading=True)
+            assert slot is not None  # every resident may be evicted by load()
+            pending = self._start_read(expert_id, slot)
+            self._loading.pop(expert_id)
+        if pending is not None:
+            try:
+                pending.wait()
+            except BaseException:
+                self._forget(expert_id)
+                raise
+        self._current = expert_id
+        return self.slots[slot]
+
+    def prefetch(self, expert_id: int) -> None:
+        """Starts reading ``expert_id`` into a slot; a later :meth:`load` waits for it.
+
+        A no-op when it is resident already, or when the only evictable slot is the most recently
+        loaded one (or one still being prefetched).
+        """
+        self._check_id(expert_id)
+        self._reap_writebacks()
+        if expert_id in self._slot_of:
+            return
+        slot = self._take_slot(may_evict_current=False, may_evict_loading=False)
+        if slot is None:
+            return
+        self._counters["prefetches"] += 1
+        self._start_read(expert_id, slot)
+
+    def mark_dirty(self, expert_id: int) -> None:
+        """Records that the slot of ``expert_id`` was modified: it is written back before it leaves.
+
+        Raises:
+            ValueError: ``expert_id`` is not resident.
+        """
+        if expert_id not in self._slot_of:
+            raise ValueError(f"expert {expert_id} is not resident in the cache; load() it before mark_dirty()")
+        self._dirty.add(expert_id)
+
+    def flush(self) -> None:
+        """Writes every dirty resident back and waits; they stay resident, now clean."""
+        for expert_id in sorted(self._dirty):
+            self._write_back(expert_id, self._slot_of[expert_id])
+        self._dirty.clear()
+        writebacks, self._writebacks = self._writebacks, []
+        for pending in writebacks:
+            pending.wait()
+        self.store.synchronize()
+
+    def invalidate(self) -> None:
+        """Forgets every resident without writing anything back (after ``store.restore``)."""
+        self._slot_of.clear()
+        self._loading.clear()
+        self._dirty.clear()
+        self._writebacks.clear()
+        self._free_slots = list(range(self.capacity - 1, -1, -1))
+        self._current = None
+
+    def resident_ids(self) -> list[int]:
+        """Experts that occupy a slot (prefetches in flight included), ascending."""
+        return sorted(self._slot_of)
+
+    def dirty_ids(self) -> list[int]:
+        """Resident experts modified since they were loaded or last flushed, ascending."""
+        return sorted(self._dirty)
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative ``hits``, ``misses``, ``loads``, ``prefetches``, ``evictions``, ``writebacks``,
+        ``bytes_in``, ``bytes_out``, and the current ``resident`` and ``dirty`` counts and ``capacity``."""
+        stats = {key: float(value) for key, value in self._counters.items()}
+        stats.update(resident=float(len(self._slot_of)), dirty=float(len(self._dirty)), capacity=float(self.capacity))
+        return stats
+
+    def __repr__(self) -> str:
+        return f"ExpertCache(capacity={self.capacity}, device={self.device}, resident={self.resident_ids()})"
+
+    def _take_slot(self, may_evict_current: bool, may_evict_loading: bool) -> int | None:
+        """A free slot, else the slot of the least recently used expert that may be evicted, else ``None``."""
+        if self._free_slots:
+            return self._free_slots.pop()
+        candidates = [e for e in self._slot_of if e != self._current and e not in self._loading]
+        if not candidates and may_evict_loading:
+            candidates = [e for e in self._slot_of if e != self._current]
+        if not candidates and may_evict_current and self._current is not None:
+            candidates = [self._current]
+        if not candidates:
+            return None
+        return self._evict(candidates[0])
+
+    def _evict(self, expert_id: int) -> int:
+        slot = self._slot_of.pop(expert_id)
+        # A prefetch still in flight into this slot needs no wait: the store runs operations in issue
+        # order, so it lands before the read we are about to queue into the same slot.
+        self._loading.pop(expert_id, None)
+        if expert_id in self._dirty:
+            self._dirty.discard(expert_id)
+            self._write_back(expert_id, slot)
+        if expert_id == self._current:
+            self._current = None
+        self._counters["evictions"] += 1
+        return slot
+
+    def _write_back(self, expert_id: int, slot: int) -> None:
+        # No wait and no staging copy: the caller reuses this slot only through the same store, whose
+        # operations run in issue order (one worker thread, one CUDA side stream, or synchronously), so
+        # this write has read the slot before any later read overwrites it. A failed write-back raises
+        # from the next load(), prefetch() or flush().
+        self._writebacks.append(self.store.write_async(expert_id, self.slots[slot]))
+        self._counters["writebacks"] += 1
+        self._counters["bytes_out"] += self.store.record_bytes
+
+    def _reap_writebacks(self) -> None:
+        finished, in_flight = [], []
+        for pending in self._writebacks:
+            (finished if pending.done() else in_flight).append(pending)
+        self._writebacks = in_flight
+        for pending in finished:
+            pending.wait()  # re-raises a failed write-back
+
+    def _start_read(self, expert_id: int, slot: int) -> Pending:
+        pending = self.store.read_async(expert_id, self.slots[slot])
+        self._slot_of[expert_id] = slot
+        self._loading[expert_id] = pending
+        self._counters["bytes_in"] += self.store.record_bytes
+        return pending
+
+    def _forget(self, expert_id: int) -> None:
+        slot = self._slot_of.pop(expert_id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+        self._loading.pop(expert_id, None)
+        self._dirty.discard(expert_id)
+        if expert_id == self._current:
+            self._current = None
+
+    def _check_id(self, expert_id: int) -> None:
+        if not 0 <= expert_id < self.store.num_experts:
+            raise IndexError(f"expert id {expert_id} out of range [0, {self.store.num_experts})")

@@ -1,0 +1,118 @@
+"""An expert as a fixed-size flat record: parameters, then its optimizer state, then its step counter.
+
+Every expert of a model has the same shape, so one ``ExpertLayout`` maps any record to named parameter
+views, and one stateless template module (on the meta device, never holding memory) runs any record with
+``torch.func.functional_call``. Loading an expert is therefore one copy into a slot, never a module rebuild.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+EXPERT_OPTIMIZERS = ("sgd", "adam")
+
+
+class FlatSGD:
+    """SGD with optional momentum on a flat parameter vector; the momentum buffer lives in the record."""
+
+    def __init__(self, lr: float, momentum: float = 0.0) -> None:
+        self.lr = lr
+        self.momentum = momentum
+
+    def state_numel(self, num_params: int) -> int:
+        return num_params if self.momentum > 0 else 0
+
+    @torch.no_grad()
+    def step(self, param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor, step: torch.Tensor) -> None:
+        if self.momentum > 0:
+            state.mul_(self.momentum).add_(grad)
+            grad = state
+        param.add_(grad, alpha=-self.lr)
+        step.add_(1)
+
+
+class FlatAdam:
+    """Adam on a flat parameter vector; first and second moments live in the record."""
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+
+    def state_numel(self, num_params: int) -> int:
+        return 2 * num_params
+
+    @torch.no_grad()
+    def step(self, param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor, step: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        exp_avg, exp_avg_sq = state.chunk(2)
+        step.add_(1)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias1 = 1 - torch.pow(beta1, step)  # (1,) stays on the device: no host sync
+        bias2 = 1 - torch.pow(beta2, step)
+        denom = (exp_avg_sq / bias2).sqrt_().add_(self.eps)
+        param.addcdiv_(exp_avg, denom * bias1, value=-self.lr)
+
+
+def make_expert_optimizer(name: str, lr: float, momentum: float = 0.0) -> FlatSGD | FlatAdam:
+    if name == "sgd":
+        return FlatSGD(lr, momentum)
+    if name == "adam":
+        return FlatAdam(lr)
+    raise ValueError(f"model.expert_optimizer ({name!r}) must be one of: {', '.join(EXPERT_OPTIMIZERS)}")
+
+
+class ExpertLayout:
+    """Where each part of an expert lives inside its flat record.
+
+    Record: ``[parameters (P) | optimizer state (0, P or 2P) | step (1)]``, float32.
+
+    Args:
+        build_expert: returns a freshly initialised expert module ``(N, d) -> (N, d)`` (no buffers).
+        optimizer: the per-expert optimizer whose state the record carries.
+        seed: base seed; expert e is initialised from ``(seed, e)``.
+    """
+
+    def __init__(self, build_expert: Callable[[], nn.Module], optimizer: FlatSGD | FlatAdam, seed: int) -> None:
+        self.build_expert = build_expert
+        self.optimizer = optimizer
+        self.seed = seed
+        with torch.device("meta"):
+            self.template = build_expert()
+        if any(True for _ in self.template.buffers()):
+            raise ValueError("an expert module must not have buffers: its whole state must be parameters")
+        self.shapes = {name: p.shape for name, p in self.template.named_parameters()}
+        self.num_params = sum(shape.numel() for shape in self.shapes.values())
+        self.state_numel = optimizer.state_numel(self.num_params)
+        self.record_numel = self.num_params + self.state_numel + 1
+
+    def split(self, record: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``record`` (R,) -> parameters (P,), optimizer state, step (1,): views, not copies."""
+        P, St = self.num_params, self.state_numel
+        return record[:P], record[P : P + St], record[P + St :]
+
+    def param_views(self, flat_params: torch.Tensor) -> dict[str, torch.Tensor]:
+        views, offset = {}, 0
+        for name, shape in self.shapes.items():
+            views[name] = flat_params[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return views
+
+    def forward(self, flat_params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Run the expert held in ``flat_params`` (P,) on ``x`` (N, d) -> (N, d)."""
+        return functional_call(self.template, self.param_views(flat_params), (x,))
+
+    def init_record(self, expert_id: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (R,) on the CPU with expert ``expert_id``'s initial record, a pure function of (seed, id)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + expert_id) % (2**63 - 1))
+            expert = self.build_expert()
+        params, state, step = self.split(out)
+        params.copy_(torch.nn.utils.parameters_to_vector(expert.parameters()).detach())
+        state.zero_()
+        step.zero_()

@@ -1,0 +1,121 @@
+"""The shared parts of every model: byte embedding, causal trunk with RoPE, final norm and tied head.
+
+Shape letters: B batch, T time, d width, N = B·T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE) applied to queries and keys."""
+
+    def __init__(self, head_dim: int, max_len: int = 4096, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (Tmax, hd/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.size(-2)
+        if T > self.cos.size(0):
+            raise ValueError(f"sequence length {T} exceeds the rotary table ({self.cos.size(0)})")
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, hd/2)
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, h, T, hd/2)
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, h, T, hd/2, 2)
+        return rotated.flatten(-2)  # (B, h, T, hd)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, max_len: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.rope = RotaryEmbedding(d_model // n_heads, max_len)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 × (B, T, d)
+        q, k, v = (t.view(B, T, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd)
+        q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))  # (B, T, d)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm feed-forward block ``x -> W2 · gelu(W1 · norm(x))``: the default expert, ``(N, d) -> (N, d)``."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(self.norm(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm causal transformer block."""
+
+    def __init__(self, d_model: int, n_heads: int, max_len: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, max_len)
+        self.ffn = FeedForward(d_model, 4 * d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        return x + self.ffn(x)
+
+
+class Backbone(nn.Module):
+    """Everything a model shares: ``tokens -> h`` (embedding + trunk) and ``z -> logits`` (norm + tied head).
+
+    Args:
+        vocab_size: number of token ids (256 for bytes).
+        d_model: width d.
+        n_layers: number of causal trunk blocks.
+        n_heads: attention heads per block; must divide ``d_model``.
+        max_len: longest sequence the rotary table covers.
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_len: int = 4096) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, max_len) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.apply(init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "ffn.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * max(n_layers, 1)))
+
+    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)  # (B, T, d)
+        for block in self.blocks:
+            h = block(h)
+        return h  # (B, T, d)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(z), self.embed.weight)  # (..., V)
+
+    def detached_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits through the head with its weights detached: gradients reach ``z`` and nothing shared."""
+        normed = F.layer_norm(z, self.norm.normalized_shape, self.norm.weight.detach(), self.norm.bias.detach())
+        return F.linear(normed, self.embed.weight.detach())  # (..., V)
+
+
+def init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
