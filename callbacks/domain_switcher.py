@@ -144,19 +144,7 @@ class DomainSwitcher(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
-        domains = list(getattr(datamodule, "val_domain_names", None) or dict.fromkeys(s.domain for s in self.schedule))
-        if self.domains and domains != self.domains:
-            raise ValueError(
-                f"DomainSwitcher: the datamodule's val_domain_names {domains} differ from the checkpoint's "
-                f"{self.domains}"
-            )
-        missing = sorted({s.domain for s in self.schedule} - set(domains))
-        if missing:
-            raise ValueError(
-                f"DomainSwitcher.schedule trains on {missing}, which the datamodule's val_domain_names {domains} "
-                "do not evaluate; every scheduled domain needs a validation dataloader"
-            )
-        self.domains = domains
+        self.domains = self._evaluated_domains(datamodule)
         if stage != TrainerFn.FITTING:
             return
         if not callable(getattr(datamodule, "set_domain", None)):
@@ -188,6 +176,12 @@ class DomainSwitcher(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        domains = self._evaluated_domains(trainer.datamodule)
+        if domains != self.domains:  # a checkpoint's state was loaded after setup
+            raise ValueError(
+                f"DomainSwitcher: the datamodule's val_domain_names {domains} differ from the checkpoint's "
+                f"{self.domains}; resume with the domains the run started with"
+            )
         if self.stage >= len(self.schedule):
             rank_zero_warn("DomainSwitcher: the schedule is already complete; further training keeps the last domain")
             return
@@ -291,6 +285,17 @@ class DomainSwitcher(Callback):
             "initial": self.initial_loss,
         }
         return write_report(out_dir, record, markdown, heatmap)
+
+    def _evaluated_domains(self, datamodule: Any) -> list[str]:
+        names = getattr(datamodule, "val_domain_names", None)
+        domains = list(names) if names else list(dict.fromkeys(stage.domain for stage in self.schedule))
+        missing = sorted({stage.domain for stage in self.schedule} - set(domains))
+        if missing:
+            raise ValueError(
+                f"DomainSwitcher.schedule trains on {missing}, which the datamodule's val_domain_names {domains} "
+                "do not evaluate; every scheduled domain needs a validation dataloader"
+            )
+        return domains
 
     def _end_epoch(self, stage: int) -> int:
         """Number of epochs trained when ``stage`` ends."""

@@ -32,8 +32,8 @@ class MemoryMonitor(Callback):
     Values go through ``pl_module.log(..., on_step=True)``, so they reach the loggers at the Trainer's
     ``log_every_n_steps`` cadence and are in ``trainer.callback_metrics``. With a ``TensorBoardLogger`` a
     custom-scalars layout is written too: TensorBoard's *Custom Scalars* tab shows a "Memory" section with
-    current against peak in one chart, and the module's bytes moved in and out (any key ending in
-    ``bytes_in``/``bytes_out``) in another.
+    current against peak in one chart (host, and CUDA when used), the module's bytes moved in and out (any key
+    ending in ``bytes_in``/``bytes_out``) in another, and its other counters in a third.
 
     Args:
         every_n_steps: measure every this many training batches.

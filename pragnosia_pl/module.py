@@ -309,7 +309,8 @@ class PragnosiaLM(LanguageModel):
         cache = self.experts()
         cache.flush()
         snapshots = self._store_root() / "snapshots"
-        directory = snapshots / f"{self._run_id}-step-{self.global_step:09d}"
+        writes = int(self._store.stats()["writes"])  # two saves at one step share a snapshot only if nothing changed
+        directory = snapshots / f"{self._run_id}-step-{self.global_step:09d}-w{writes}"
         if not directory.exists():
             self._store.snapshot(directory)
         checkpoint["expert_store"] = {

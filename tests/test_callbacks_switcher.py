@@ -139,6 +139,14 @@ def test_resume_mid_schedule_continues_at_the_right_stage(tmp_path, save_on_trai
         assert model.switches == switches
         torch.testing.assert_close(torch.tensor(switcher.loss_matrix), torch.tensor(uninterrupted.loss_matrix))
 
+    reordered = ToyDomains()
+    reordered.val_domain_names.reverse()
+    trainer = make_trainer(tmp_path / "reordered", callbacks=[DomainSwitcher(SCHEDULE)])
+    with pytest.raises(
+        ValueError, match=r"val_domain_names \['c', 'b', 'a'\] differ from the checkpoint's \['a', 'b', 'c'\]"
+    ):
+        trainer.fit(ToyRegressor(), datamodule=reordered, ckpt_path=path)
+
 
 def test_partial_evaluation_and_short_runs(tmp_path):
     class OnlyCurrentDomain(ToyRegressor):

@@ -99,8 +99,8 @@ def test_training_lowers_the_loss_for_every_model(tiny, tmp_path):
         DenseLM(**tiny, num_active_experts=2, lr=3e-3),
     ):
         trainer = cpu_trainer(tmp_path, max_epochs=15)
-        before = trainer.validate(model, token_loader(2, seed=1), verbose=False)[0]["val/loss"]
-        trainer.fit(model, train_dataloaders=token_loader(4), val_dataloaders=token_loader(2, seed=1))
+        before = trainer.validate(model, token_loader(2), verbose=False)[0]["val/loss"]
+        trainer.fit(model, train_dataloaders=token_loader(4), val_dataloaders=token_loader(2))
         after = trainer.callback_metrics["val/loss"].item()
         assert after < 0.7 * before, type(model).__name__
 

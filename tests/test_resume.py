@@ -1,0 +1,88 @@
+"""DESIGN §4.6: resuming from a checkpoint continues exactly as if uninterrupted (CPU: bit-identical)."""
+
+import pytest
+import torch
+from conftest import cpu_trainer, token_loader
+
+from pragnosia_pl import PragnosiaLM
+
+
+def records(model: PragnosiaLM) -> torch.Tensor:
+    model.experts().flush()
+    out = torch.empty(model.store.num_experts, model.store.record_numel)
+    for expert_id in range(model.store.num_experts):
+        model.store.read(expert_id, out[expert_id])
+    return out
+
+
+def make(tiny, tmp_path, name, store):
+    return PragnosiaLM(
+        **tiny, num_experts=6, num_active_experts=2, expert_slots=2, expert_cache=3, store=store,
+        store_dir=str(tmp_path / name), expert_optimizer="adam", lr=3e-3,
+    )
+
+
+@pytest.mark.parametrize("store", ["device", "host", "disk"])
+def test_resume_is_bit_identical(tiny, tmp_path, store):
+    torch.manual_seed(0)
+    straight = make(tiny, tmp_path, "straight", store)
+    cpu_trainer(tmp_path / "a", max_epochs=2).fit(straight, train_dataloaders=token_loader(3))
+
+    torch.manual_seed(0)
+    first = make(tiny, tmp_path, "first", store)
+    trainer = cpu_trainer(tmp_path / "b", max_epochs=1)
+    trainer.fit(first, train_dataloaders=token_loader(3))
+    checkpoint = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    after_first = records(first)
+    first.store.write(0, torch.full((first.store.record_numel,), 7.0))  # the live store moves on; the snapshot must not
+
+    torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
+    resumed = make(tiny, tmp_path, "resumed", store)
+    trainer = cpu_trainer(tmp_path / "c", max_epochs=2)
+    trainer.fit(resumed, train_dataloaders=token_loader(3), ckpt_path=checkpoint)
+
+    assert trainer.global_step == 6
+    assert not torch.equal(after_first, records(resumed)), "the second half trained nothing"
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(records(straight), records(resumed))
+
+
+def test_missing_snapshot_is_reported(tiny, tmp_path):
+    model = make(tiny, tmp_path, "run", "host")
+    trainer = cpu_trainer(tmp_path, max_steps=1)
+    trainer.fit(model, train_dataloaders=token_loader(1))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    for snapshot in (tmp_path / "run" / "snapshots").iterdir():
+        for file in snapshot.iterdir():
+            file.unlink()
+        snapshot.rmdir()
+    with pytest.raises(FileNotFoundError, match="expert-store snapshot .* is missing"):
+        PragnosiaLM.load_from_checkpoint(tmp_path / "one.ckpt", store_dir=str(tmp_path / "other")).experts()
+
+
+def test_keep_snapshots_prunes_old_ones(tiny, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = make(tiny, tmp_path, "run", "host")
+    model.hparams.keep_snapshots = 2
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = cpu_trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[every_step])
+    trainer.fit(model, train_dataloaders=token_loader(4))
+    snapshots = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    assert len(list((tmp_path / "ckpt").iterdir())) == 4
+    assert len(snapshots) == 2 and "step-000000004" in snapshots[-1]
+
+
+def test_snapshot_follows_the_store_within_a_step(tiny, tmp_path):
+    model = make(tiny, tmp_path, "run", "host")
+    trainer = cpu_trainer(tmp_path, max_steps=1)
+    trainer.fit(model, train_dataloaders=token_loader(1))
+    trainer.save_checkpoint(tmp_path / "a.ckpt")
+    model.store.write(5, torch.full((model.store.record_numel,), 3.0))
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
+    restored = PragnosiaLM.load_from_checkpoint(tmp_path / "b.ckpt", store_dir=str(tmp_path / "other"))
+    record = torch.empty(model.store.record_numel)
+    restored.store.read(5, record)
+    assert torch.equal(record, torch.full_like(record, 3.0))
