@@ -1,0 +1,411 @@
+"""How good: validation bits per byte of ``PragnosiaLM`` against ``GlobalMoE`` and ``DenseLM`` (issue 6).
+
+Every model is trained on the same mixed domains, batches, number of tokens and seed, with the same trunk
+and the same active parameters per token (k experts of the MoEs, one FFN k times as wide for the dense
+model). Validation runs every ``eval_every`` steps and gives each model a learning curve; the final point is
+the full validation set of every domain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_KINDS = ("pragnosia", "global_moe", "dense")
+
+
+@dataclass
+class QualityConfig:
+    """One quality benchmark: the shared shape, data and schedule, and which models run.
+
+    Args:
+        num_experts: n of the two MoEs; one ``PragnosiaLM`` and one ``GlobalMoE`` run per value.
+        models: which of ``pragnosia``, ``global_moe``, ``dense`` run (the dense model runs once).
+        steps: training steps of every model (batches of ``batch_size × block_size`` tokens).
+        eval_every: steps between two points of the learning curve.
+        max_bytes_per_domain: bytes read from each domain (``data.max_bytes_per_domain``).
+        time_budget_min: if set, a probe measures steps/s first and ``steps`` is cut so that all runs fit
+            (the JSON records the cut); ``None`` runs ``steps`` as asked.
+        threads: torch CPU threads (``None``: torch's default). One by default: on a machine shared with other
+            jobs, OpenMP threads that wait for a descheduled sibling make steps up to 100× slower.
+        pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches), applied last.
+
+    Raises:
+        ValueError: on an unknown model kind or a non-positive size.
+    """
+
+    num_experts: tuple[int, ...] = (8, 32)
+    models: tuple[str, ...] = MODEL_KINDS
+    d_model: int = 128
+    n_shared_layers: int = 2
+    n_heads: int = 4
+    num_active_experts: int = 2
+    expert_slots: int = 2
+    block_size: int = 128
+    batch_size: int = 16
+    steps: int = 1500
+    eval_every: int = 100
+    max_bytes_per_domain: int | None = 1_000_000
+    domains: dict[str, str] = field(default_factory=lambda: {"code": "stdlib-code", "prose": "stdlib-docs"})
+    lr: float = 1e-3
+    local_lr: float = 0.05
+    store: str = "host"
+    pragnosia: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    time_budget_min: float | None = 40.0
+    probe_steps: int = 12
+    threads: int | None = 1
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.num_experts = tuple(self.num_experts)
+        self.models = tuple(self.models)
+        unknown = [m for m in self.models if m not in MODEL_KINDS]
+        if unknown or not self.models:
+            raise ValueError(f"models ({', '.join(unknown) or 'empty'}) must be among: {', '.join(MODEL_KINDS)}")
+        for key in ("d_model", "steps", "eval_every", "batch_size", "block_size", "num_active_experts"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} ({getattr(self, key)}) must be ≥ 1")
+        if not self.num_experts or min(self.num_experts) < self.expert_slots:
+            raise ValueError(f"num_experts {self.num_experts} must each be ≥ expert_slots ({self.expert_slots})")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> QualityConfig:
+        """A tiny run (seconds): width 32, one trunk layer, one n, 20 steps."""
+        options: dict[str, Any] = dict(
+            num_experts=(8,), d_model=32, n_shared_layers=1, n_heads=2, block_size=32, batch_size=8, steps=20,
+            eval_every=10, max_bytes_per_domain=60_000, time_budget_min=None,
+        )
+        options.update(overrides)
+        return cls(**options)
+
+
+@dataclass
+class RunPlan:
+    """One model of the benchmark: ``kind`` at ``num_experts`` (``None`` for the dense model)."""
+
+    kind: str
+    num_experts: int | None
+
+    @property
+    def label(self) -> str:
+        name = {"pragnosia": "PragnosiaLM", "global_moe": "GlobalMoE", "dense": "DenseLM"}[self.kind]
+        return name if self.num_experts is None else f"{name} n={self.num_experts}"
+
+    @property
+    def slug(self) -> str:
+        return self.kind if self.num_experts is None else f"{self.kind}_n{self.num_experts}"
+
+
+def plan_runs(config: QualityConfig) -> list[RunPlan]:
+    """The runs of ``config``: the two MoEs per n (interleaved, so a cut run still compares them), then dense."""
+    runs = [RunPlan(kind, n) for n in config.num_experts for kind in ("pragnosia", "global_moe") if kind in config.models]
+    if "dense" in config.models:
+        runs.append(RunPlan("dense", None))
+    return runs
+
+
+def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
+    """The LightningModule of ``plan`` (seed the RNG first: every model starts from the same trunk)."""
+    from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
+
+    common = dict(
+        d_model=config.d_model, n_shared_layers=config.n_shared_layers, n_heads=config.n_heads,
+        num_active_experts=config.num_active_experts, lr=config.lr, max_len=config.block_size,
+    )
+    if plan.kind == "dense":
+        return DenseLM(**common)
+    if plan.kind == "global_moe":
+        return GlobalMoE(**common, num_experts=plan.num_experts)
+    options = dict(
+        common, num_experts=plan.num_experts, expert_slots=config.expert_slots, store=config.store,
+        store_dir=store_dir, local_lr=config.local_lr, seed=config.seed,
+    )
+    options.update(config.pragnosia)
+    return PragnosiaLM(**options)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """``total`` parameters (every expert included) and ``active`` ones (what one token uses)."""
+    from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
+
+    shared = sum(p.numel() for p in model.parameters())
+    if isinstance(model, PragnosiaLM):
+        expert = model.layout.num_params
+        return {"active": shared + model.hparams.num_active_experts * expert,
+                "total": shared + model.hparams.num_experts * expert}
+    if isinstance(model, GlobalMoE):
+        expert = sum(p.numel() for p in model.experts[0].parameters())
+        non_expert = shared - model.hparams.num_experts * expert
+        return {"active": non_expert + model.hparams.num_active_experts * expert, "total": shared}
+    assert isinstance(model, DenseLM)
+    return {"active": shared, "total": shared}
+
+
+def _curve_recorder():
+    from lightning.pytorch import Callback
+
+    class CurveRecorder(Callback):
+        """Keeps the ``val/bpb*`` metrics of every validation and the time spent in training steps."""
+
+        def __init__(self) -> None:
+            self.points: list[dict[str, float]] = []
+            self.train_seconds = 0.0
+            self.train_steps = 0
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.train_seconds += time.perf_counter() - self._start
+            self.train_steps += 1
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            point = {"step": trainer.global_step}
+            point.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/bpb")})
+            if self.points and self.points[-1]["step"] == point["step"]:
+                self.points[-1] = point
+            else:
+                self.points.append(point)
+
+    return CurveRecorder()
+
+
+def _trainer(root: str, steps: int, eval_every: int | None, callbacks: list):
+    from lightning.pytorch import Trainer
+
+    validate = eval_every is not None
+    return Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, default_root_dir=root, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=1.0 if validate else 0, val_check_interval=eval_every if validate else None,
+        check_val_every_n_epoch=None if validate else 1, callbacks=callbacks,
+    )
+
+
+def train_one(config: QualityConfig, plan: RunPlan, data, steps: int, root: str, validate: bool = True) -> dict:
+    """Train ``plan`` for ``steps`` steps on ``data``; return its curve, final metrics and speed."""
+    from lightning.pytorch import seed_everything
+
+    seed_everything(config.seed, verbose=False)
+    model = build_model(config, plan, str(Path(root) / "store"))
+    recorder = _curve_recorder()
+    trainer = _trainer(root, steps, min(config.eval_every, steps) if validate else None, [recorder])
+    trainer.fit(model, datamodule=data)
+    result: dict[str, Any] = {
+        "label": plan.label, "kind": plan.kind, "num_experts": plan.num_experts, "steps": trainer.global_step,
+        "params": parameter_counts(model), "train_seconds": recorder.train_seconds,
+        "steps_per_s": recorder.train_steps / recorder.train_seconds if recorder.train_seconds else math.nan,
+    }
+    if validate:
+        if not recorder.points or recorder.points[-1]["step"] != trainer.global_step:
+            trainer.validate(model, datamodule=data, verbose=False)
+        result["curve"] = recorder.points
+        result["final"] = {k: v for k, v in recorder.points[-1].items() if k != "step"}
+    if plan.kind == "pragnosia":
+        result["experts_used"] = len(model.usage)
+        total = sum(model.usage.values())
+        probs = [count / total for count in model.usage.values()]
+        result["usage_entropy_bits"] = -sum(p * math.log2(p) for p in probs)
+        model.experts().flush()
+        model.store.close()
+    return result
+
+
+def make_datamodule(config: QualityConfig):
+    from pragnosia_pl import TextDomains
+
+    data = TextDomains(
+        dict(config.domains), block_size=config.block_size, batch_size=config.batch_size,
+        max_bytes_per_domain=config.max_bytes_per_domain, seed=config.seed, cache_dir=config.cache_dir,
+    )
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def probe_steps_per_s(config: QualityConfig, runs: list[RunPlan], data, root: str) -> dict[str, float]:
+    """Measured training steps/s of each run (a short run each, first two steps discarded)."""
+    speeds = {}
+    for plan in runs:
+        with tempfile.TemporaryDirectory(dir=root) as run_root:
+            result = train_one(config, plan, data, config.probe_steps, run_root, validate=False)
+        speeds[plan.slug] = result["steps_per_s"]
+    return speeds
+
+
+def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
+    """Run the benchmark and write ``quality.json``, ``quality.md``, ``curves.png`` and ``curve_<run>.png``."""
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    runs = plan_runs(config)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="pragnosia-quality-") as root:
+        data = make_datamodule(config)
+        steps, budget = config.steps, None
+        if config.time_budget_min is not None:
+            speeds = probe_steps_per_s(config, runs, data, root)
+            # validation and Trainer set-up cost about 15% on top of the training steps (measured at d=128)
+            seconds = 1.15 * sum(config.steps / speed for speed in speeds.values())
+            budget = {"minutes": config.time_budget_min, "probe_steps_per_s": speeds,
+                      "estimated_minutes": seconds / 60, "steps_requested": config.steps}
+            if seconds > 60 * config.time_budget_min:
+                cut = int(config.steps * 60 * config.time_budget_min / seconds)
+                steps = max(config.eval_every, cut // config.eval_every * config.eval_every)
+                log(f"quality: {seconds / 60:.0f} min estimated for {config.steps} steps; cut to {steps} steps")
+            budget["steps_run"] = steps
+        results = []
+        for plan in runs:
+            log(f"quality: training {plan.label} for {steps} steps")
+            with tempfile.TemporaryDirectory(dir=root) as run_root:
+                result = train_one(config, plan, data, steps, run_root)
+            log(f"quality: {plan.label}: val bpb {result['final']['val/bpb']:.3f}")
+            results.append(result)
+        summary = data.summary()
+    report = {
+        "benchmark": "quality",
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "wall_minutes": (time.time() - started) / 60,
+        "config": asdict(config),
+        "steps": steps,
+        "tokens_per_model": steps * config.batch_size * config.block_size,
+        "time_budget": budget,
+        "data": summary,
+        "runs": results,
+        "goals": quality_goals(results),
+    }
+    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "quality.md").write_text(quality_markdown(report))
+    plot_curves(results, out)
+    return report
+
+
+def quality_goals(results: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per n: PragnosiaLM's final val bpb ≤ GlobalMoE's, and < DenseLM's."""
+    final = {(r["kind"], r["num_experts"]): r["final"]["val/bpb"] for r in results if "final" in r}
+    dense = final.get(("dense", None))
+    goals = {}
+    for (kind, n), bpb in final.items():
+        if kind != "pragnosia":
+            continue
+        moe = final.get(("global_moe", n))
+        goals[f"n={n}"] = {
+            "pragnosia": bpb,
+            "global_moe": moe,
+            "dense": dense,
+            "le_global_moe": None if moe is None else bpb <= moe,
+            "lt_dense": None if dense is None else bpb < dense,
+        }
+    return goals
+
+
+def quality_markdown(report: dict) -> str:
+    config = report["config"]
+    domains = list(config["domains"])
+    lines = [
+        "# Quality: local learning against global backpropagation",
+        "",
+        f"{report['machine']}, {report['date']}; {report['wall_minutes']:.0f} min wall.",
+        "",
+        f"d={config['d_model']}, {config['n_shared_layers']} trunk layers, k={config['num_active_experts']}, "
+        f"S={config['expert_slots']}, batch {config['batch_size']}×{config['block_size']} bytes, "
+        f"{report['steps']} steps ({report['tokens_per_model']:,} tokens per model), seed {config['seed']}; "
+        f"PragnosiaLM: expert SGD lr {config['local_lr']}, store {config['store']}"
+        + (f", {config['pragnosia']}" if config["pragnosia"] else "")
+        + f"; shared AdamW lr {config['lr']}.",
+        "Data: " + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in report["data"].items())
+        + f" (max_bytes_per_domain={config['max_bytes_per_domain']}), mixed; val = held-out blocks of each domain.",
+    ]
+    budget = report.get("time_budget")
+    if budget and budget["steps_run"] != budget["steps_requested"]:
+        lines.append(
+            f"Steps cut from {budget['steps_requested']} to {budget['steps_run']} to fit a "
+            f"{budget['minutes']:.0f}-minute budget ({budget['estimated_minutes']:.0f} min estimated)."
+        )
+    header = "| model | active params | total params | val bpb | " + " | ".join(f"bpb {d}" for d in domains)
+    lines += ["", header + " | train steps/s |", "|" + "---|" * (5 + len(domains))]
+    for r in report["runs"]:
+        final = r["final"]
+        per_domain = " | ".join(f"{final.get(f'val/bpb/{d}', math.nan):.3f}" for d in domains)
+        lines.append(
+            f"| {r['label']} | {r['params']['active']:,} | {r['params']['total']:,} | {final['val/bpb']:.3f} | "
+            f"{per_domain} | {r['steps_per_s']:.1f} |"
+        )
+    lines += ["", "Goals (final val bpb, all domains):", ""]
+    for n, goal in report["goals"].items():
+        def mark(ok):
+            return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+        lines.append(
+            f"- {n}: PragnosiaLM {goal['pragnosia']:.3f} ≤ GlobalMoE {_fmt(goal['global_moe'])}: "
+            f"{mark(goal['le_global_moe'])}; < DenseLM {_fmt(goal['dense'])}: {mark(goal['lt_dense'])}"
+        )
+    lines += ["", "Learning curves: `curves.png` (all models), `curve_<model>.png` (per domain).", ""]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def plot_curves(results: list[dict], out: Path) -> None:
+    """``curves.png``: val bpb vs step for every model; ``curve_<slug>.png``: one model, per domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        steps = [p["step"] for p in r["curve"]]
+        ax.plot(steps, [p["val/bpb"] for p in r["curve"]], marker=".", label=r["label"])
+    ax.set(xlabel="training step", ylabel="val bits per byte", title="Validation bpb (all domains)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+    for r in results:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        steps = [p["step"] for p in r["curve"]]
+        for key in sorted({k for p in r["curve"] for k in p if k.startswith("val/bpb")}):
+            name = "all" if key == "val/bpb" else key.rsplit("/", 1)[-1]
+            ax.plot(steps, [p.get(key, math.nan) for p in r["curve"]], marker=".", label=name)
+        ax.set(xlabel="training step", ylabel="val bits per byte", title=r["label"])
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        slug = r["kind"] if r["num_experts"] is None else f"{r['kind']}_n{r['num_experts']}"
+        fig.savefig(out / f"curve_{slug}.png", dpi=110)
+        plt.close(fig)
+
+
+def machine_description() -> str:
+    """``<CPU model>, <cores> cores, torch <version>`` (or the CUDA device's name)."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"

@@ -1,0 +1,419 @@
+"""How fast: training tokens/s of ``PragnosiaLM`` per expert store and cache size, and of ``GlobalMoE`` (issue 6).
+
+All contenders of one n live in one process and take turns: every round, each trains one window of
+``window_steps`` batches (the same batches for all, new ones each round), in an order that rotates from
+round to round, so drift in the machine's load hits every contender alike and every ratio is measured in
+the same run. The first round is warm-up. Expert stores start *materialized* (every record written once),
+so host and disk reads are real reads, as in a long run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STORE_KINDS = ("device", "host", "disk")
+
+
+@dataclass
+class ThroughputConfig:
+    """One throughput benchmark.
+
+    Args:
+        num_experts: n values; each is one group of interleaved contenders.
+        stores: ``PragnosiaLM`` stores to time.
+        cache_factors: expert caches to time, as multiples of S (``expert_cache = f·S``, at most n).
+        window_steps: training steps per contender and round; the first ``skip_steps`` of each are not timed
+            (a new ``Trainer`` and optimizer state).
+        rounds: timed rounds, after ``warmup_rounds`` untimed ones.
+        global_moe: time ``GlobalMoE`` too.
+        threads: torch CPU threads (``None``: torch's default); see ``QualityConfig.threads``.
+        pragnosia: extra ``PragnosiaLM`` keyword arguments.
+
+    Raises:
+        ValueError: on an unknown store or a non-positive size.
+    """
+
+    num_experts: tuple[int, ...] = (8, 64, 512)
+    stores: tuple[str, ...] = STORE_KINDS
+    cache_factors: tuple[int, ...] = (1, 4)
+    global_moe: bool = True
+    d_model: int = 128
+    n_shared_layers: int = 2
+    n_heads: int = 4
+    num_active_experts: int = 2
+    expert_slots: int = 2
+    block_size: int = 128
+    batch_size: int = 16
+    window_steps: int = 8
+    skip_steps: int = 1
+    rounds: int = 4
+    warmup_rounds: int = 1
+    local_lr: float = 0.05
+    max_bytes_per_domain: int | None = 1_000_000
+    domains: dict[str, str] = field(default_factory=lambda: {"code": "stdlib-code", "prose": "stdlib-docs"})
+    pragnosia: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = 1
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.num_experts = tuple(self.num_experts)
+        self.stores = tuple(self.stores)
+        self.cache_factors = tuple(self.cache_factors)
+        unknown = [s for s in self.stores if s not in STORE_KINDS]
+        if unknown or not self.stores:
+            raise ValueError(f"stores ({', '.join(unknown) or 'empty'}) must be among: {', '.join(STORE_KINDS)}")
+        for key in ("window_steps", "rounds", "batch_size", "block_size", "d_model"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} ({getattr(self, key)}) must be ≥ 1")
+        if not 0 <= self.skip_steps < self.window_steps:
+            raise ValueError(f"skip_steps ({self.skip_steps}) must be in [0, window_steps={self.window_steps})")
+        if not self.cache_factors or min(self.cache_factors) < 1:
+            raise ValueError(f"cache_factors {self.cache_factors} must each be ≥ 1")
+        if not self.num_experts or min(self.num_experts) < self.expert_slots:
+            raise ValueError(f"num_experts {self.num_experts} must each be ≥ expert_slots ({self.expert_slots})")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ThroughputConfig:
+        """A tiny run (seconds): width 32, one trunk layer, n=8, one timed round of 3 steps."""
+        options: dict[str, Any] = dict(
+            num_experts=(8,), d_model=32, n_shared_layers=1, n_heads=2, block_size=32, batch_size=4,
+            window_steps=3, rounds=1, max_bytes_per_domain=60_000,
+        )
+        options.update(overrides)
+        return cls(**options)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
+
+
+@dataclass
+class Contender:
+    """One timed configuration: ``GlobalMoE`` (``store`` is ``None``) or ``PragnosiaLM`` with a store and cache."""
+
+    num_experts: int
+    store: str | None = None
+    expert_cache: int | None = None
+    model: Any = None
+    step_seconds: list[float] = field(default_factory=list)
+    window_seconds: list[float] = field(default_factory=list)
+    cache_hits: float = 0.0
+    cache_loads: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.store is None:
+            return f"GlobalMoE n={self.num_experts}"
+        return f"PragnosiaLM n={self.num_experts} {self.store} cache={self.expert_cache}"
+
+
+def plan_contenders(config: ThroughputConfig, num_experts: int) -> list[Contender]:
+    """The contenders of one n: every store × cache size, then ``GlobalMoE``."""
+    caches = sorted({min(f * config.expert_slots, num_experts) for f in config.cache_factors})
+    contenders = [Contender(num_experts, store, cache) for cache in caches for store in config.stores]
+    if config.global_moe:
+        contenders.append(Contender(num_experts))
+    return contenders
+
+
+def build_model(config: ThroughputConfig, contender: Contender, root: str):
+    """The contender's module, its expert store materialized (every record written once)."""
+    import torch
+
+    from pragnosia_pl import GlobalMoE, PragnosiaLM
+
+    common = dict(
+        d_model=config.d_model, n_shared_layers=config.n_shared_layers, n_heads=config.n_heads,
+        num_experts=contender.num_experts, num_active_experts=config.num_active_experts, max_len=config.block_size,
+    )
+    if contender.store is None:
+        return GlobalMoE(**common)
+    store_dir = Path(root) / f"n{contender.num_experts}-{contender.store}-c{contender.expert_cache}"
+    options = dict(
+        common, expert_slots=config.expert_slots, expert_cache=contender.expert_cache, store=contender.store,
+        store_dir=str(store_dir), local_lr=config.local_lr, seed=config.seed,
+    )
+    options.update(config.pragnosia)
+    model = PragnosiaLM(**options)
+    store = model.store
+    if store.kind != "device":  # the device store holds every initial record already
+        record = torch.empty(store.record_numel)
+        for expert_id in range(store.num_experts):
+            store.read(expert_id, record)
+            store.write(expert_id, record)
+        store.synchronize()
+    return model
+
+
+def _step_timer():
+    from lightning.pytorch import Callback
+
+    class StepTimer(Callback):
+        """Wall time of every training step (``on_train_batch_start`` to ``on_train_batch_end``)."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            _synchronize(pl_module.device)
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            _synchronize(pl_module.device)
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return StepTimer()
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_window(contender: Contender, batches: list, config: ThroughputConfig, root: str) -> list[float]:
+    """Train ``contender`` on ``batches`` with a fresh ``Trainer``; the timed steps' seconds."""
+    from lightning.pytorch import Trainer
+
+    timer = _step_timer()
+    trainer = Trainer(
+        accelerator="auto", devices=1, max_steps=len(batches), default_root_dir=root, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[timer],
+    )
+    from torch.utils.data import DataLoader
+
+    trainer.fit(contender.model, train_dataloaders=DataLoader(batches, batch_size=None))
+    return timer.seconds[config.skip_steps :]
+
+
+def draw_batches(config: ThroughputConfig, count: int) -> list:
+    """``count`` training batches of the mixed domains, in the data module's seeded order."""
+    from pragnosia_pl import TextDomains
+
+    data = TextDomains(
+        dict(config.domains), block_size=config.block_size, batch_size=config.batch_size,
+        max_bytes_per_domain=config.max_bytes_per_domain, seed=config.seed, cache_dir=config.cache_dir,
+    )
+    data.prepare_data()
+    data.setup("fit")
+    batches = []
+    while len(batches) < count:
+        for batch in data.train_dataloader():
+            batches.append(batch)
+            if len(batches) == count:
+                break
+    return batches
+
+
+def run_group(config: ThroughputConfig, num_experts: int, batches: list, root: str, log=print) -> list[dict]:
+    """Time every contender of one n, interleaved round by round; their results."""
+    from lightning.pytorch import seed_everything
+
+    contenders = plan_contenders(config, num_experts)
+    for contender in contenders:
+        seed_everything(config.seed, verbose=False)
+        contender.model = build_model(config, contender, root)
+    W = config.window_steps
+    for round_index in range(config.warmup_rounds + config.rounds):
+        timed = round_index >= config.warmup_rounds
+        window = batches[round_index * W : (round_index + 1) * W]
+        shift = round_index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            before = _cache_counters(contender)
+            seconds = train_window(contender, window, config, root)
+            if timed:
+                after = _cache_counters(contender)
+                contender.step_seconds += seconds
+                contender.window_seconds.append(sum(seconds))
+                contender.cache_hits += after[0] - before[0]
+                contender.cache_loads += after[1] - before[1]
+        log(f"throughput: n={num_experts} round {round_index + 1}/{config.warmup_rounds + config.rounds} done")
+    results = [summarize(config, c) for c in contenders]
+    for contender in contenders:
+        if contender.store is not None:
+            contender.model.store.close()
+        contender.model = None
+    add_ratios(results, contenders)
+    return results
+
+
+def _cache_counters(contender: Contender) -> tuple[float, float]:
+    if contender.store is None or contender.model._cache is None:
+        return 0.0, 0.0
+    stats = contender.model._cache.stats()
+    return stats["hits"], stats["loads"]
+
+
+def summarize(config: ThroughputConfig, contender: Contender) -> dict:
+    steps = contender.step_seconds
+    mean = statistics.fmean(steps)
+    result = {
+        "label": contender.label,
+        "model": "GlobalMoE" if contender.store is None else "PragnosiaLM",
+        "num_experts": contender.num_experts,
+        "store": contender.store,
+        "expert_cache": contender.expert_cache,
+        "timed_steps": len(steps),
+        "step_ms_mean": 1e3 * mean,
+        "step_ms_median": 1e3 * statistics.median(steps),
+        "tokens_per_s": config.tokens_per_step / mean,
+    }
+    if contender.store is not None:
+        result["cache_hit_rate"] = contender.cache_hits / contender.cache_loads if contender.cache_loads else math.nan
+    return result
+
+
+def add_ratios(results: list[dict], contenders: list[Contender]) -> None:
+    """Step time relative to the device store with the same cache, and speed relative to ``GlobalMoE``.
+
+    A ratio is the median over rounds of the ratio of the two windows' times in that round (both trained
+    on the same batches, close in time), so a slow spell on the machine cancels out.
+    """
+    windows = {(c.store, c.expert_cache): c.window_seconds for c in contenders}
+    moe = windows.get((None, None))
+    for result, contender in zip(results, contenders):
+        if contender.store is None:
+            continue
+        own = contender.window_seconds
+        device = windows.get(("device", contender.expert_cache))
+        if device is not None:
+            result["step_time_vs_device"] = statistics.median(a / b for a, b in zip(own, device))
+        if moe is not None:
+            result["speed_vs_global_moe"] = statistics.median(b / a for a, b in zip(own, moe))
+
+
+def run_throughput(config: ThroughputConfig, out_dir: str | Path, log=print) -> dict:
+    """Run the benchmark and write ``throughput.json`` and ``throughput.md`` to ``out_dir``."""
+    import torch
+
+    from pragnosia_pl.experiments.quality import machine_description
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    started = time.time()
+    batches = draw_batches(config, (config.warmup_rounds + config.rounds) * config.window_steps)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pragnosia-throughput-") as root:
+        for n in config.num_experts:
+            results += run_group(config, n, batches, root, log)
+    report = {
+        "benchmark": "throughput",
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "wall_minutes": (time.time() - started) / 60,
+        "config": asdict(config),
+        "tokens_per_step": config.tokens_per_step,
+        "results": results,
+        "goals": throughput_goals(results),
+    }
+    (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "throughput.md").write_text(throughput_markdown(report))
+    return report
+
+
+def throughput_goals(results: list[dict], max_store_ratio: float = 1.15, min_n_for_moe: int = 64) -> dict:
+    """Host and disk step time ≤ ``max_store_ratio`` × the device store's; PragnosiaLM ≥ GlobalMoE at n ≥ 64."""
+    store_ratios = [r["step_time_vs_device"] for r in results if r.get("store") in ("host", "disk")]
+    moe_ratios = [
+        r["speed_vs_global_moe"] for r in results if "speed_vs_global_moe" in r and r["num_experts"] >= min_n_for_moe
+    ]
+    return {
+        "max_store_ratio": max_store_ratio,
+        "worst_store_ratio": max(store_ratios, default=math.nan),
+        "stores_within": all(r <= max_store_ratio for r in store_ratios) if store_ratios else None,
+        "min_speed_vs_global_moe_at_n_ge_64": min(moe_ratios, default=math.nan),
+        "faster_than_global_moe": all(r >= 1.0 for r in moe_ratios) if moe_ratios else None,
+    }
+
+
+def throughput_markdown(report: dict) -> str:
+    config = report["config"]
+    goals = report["goals"]
+    lines = [
+        "# Throughput: training tokens/s by expert store and cache",
+        "",
+        f"{report['machine']}, {report['date']}; {report['wall_minutes']:.0f} min wall.",
+        "",
+        f"d={config['d_model']}, {config['n_shared_layers']} trunk layers, k={config['num_active_experts']}, "
+        f"S={config['expert_slots']}, batch {config['batch_size']}×{config['block_size']} bytes. Contenders of one n "
+        f"take turns, {config['rounds']} timed rounds of {config['window_steps'] - config['skip_steps']} steps "
+        f"(+{config['warmup_rounds']} warm-up round), same batches per round. Ratios are medians over rounds of "
+        "per-round ratios (same run, same batches).",
+        "",
+        "| n | model | store | cache | tokens/s | step ms (median) | step time / device store | "
+        "speed / GlobalMoE | cache hit rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        def fmt(key, spec=".2f"):
+            return "" if r.get(key) is None or (isinstance(r[key], float) and math.isnan(r[key])) else format(
+                r[key], spec
+            )
+
+        lines.append(
+            f"| {r['num_experts']} | {r['model']} | {r['store'] or '—'} | {r['expert_cache'] or '—'} | "
+            f"{r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {fmt('step_time_vs_device')} | "
+            f"{fmt('speed_vs_global_moe')} | {fmt('cache_hit_rate')} |"
+        )
+    lines += [
+        "",
+        f"- host/disk step time ≤ {goals['max_store_ratio']} × device: "
+        f"{'yes' if goals['stores_within'] else '**no**'} (worst {goals['worst_store_ratio']:.3f})",
+        f"- PragnosiaLM ≥ GlobalMoE speed at n ≥ 64: "
+        + ("n/a" if goals["faster_than_global_moe"] is None else "yes" if goals["faster_than_global_moe"] else "**no**")
+        + f" (slowest ratio {goals['min_speed_vs_global_moe_at_n_ge_64']:.2f})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def profile_step(config: ThroughputConfig, num_experts: int, store: str, expert_cache: int, steps: int = 6,
+                 row_limit: int = 30) -> str:
+    """``torch.profiler`` table (self CPU time) of ``steps`` training steps of one ``PragnosiaLM`` contender."""
+    import torch
+    from lightning.pytorch import Callback, seed_everything
+    from torch.profiler import ProfilerActivity, profile
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    batches = draw_batches(config, steps + 2)
+
+    class Profiled(Callback):
+        def __init__(self) -> None:
+            self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=False)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 2:
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if batch_idx == steps + 1:
+                self.prof.__exit__(None, None, None)
+
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    with tempfile.TemporaryDirectory(prefix="pragnosia-profile-") as root:
+        seed_everything(config.seed, verbose=False)
+        contender = Contender(num_experts, store, expert_cache)
+        model = build_model(config, contender, root)
+        profiled = Profiled()
+        trainer = Trainer(accelerator="auto", devices=1, max_steps=len(batches), default_root_dir=root, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          limit_val_batches=0, callbacks=[profiled])
+        trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+        model.store.close()
+    return profiled.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Quality benchmark (issue 6): PragnosiaLM vs GlobalMoE vs DenseLM, final val bpb and learning curves.
+
+    python scripts/bench_quality.py                      # full run, writes bench_results/quality/
+    python scripts/bench_quality.py --quick --out /tmp/q # seconds: tiny widths, 20 steps, n=8
+    python scripts/bench_quality.py --num-experts 8 --steps 600 --pragnosia '{"local_lr": 0.1}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pragnosia_pl.experiments.quality import MODEL_KINDS, QualityConfig, run_quality  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny widths, 20 steps, one n (what the test runs)")
+    parser.add_argument("--out", default="bench_results/quality", help="output folder")
+    parser.add_argument("--num-experts", type=int, nargs="+", help="n values (default 8 32)")
+    parser.add_argument("--models", nargs="+", choices=MODEL_KINDS, help="which models run (default all)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--max-bytes-per-domain", type=int)
+    parser.add_argument("--local-lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--time-budget-min", type=float, help="cut steps to fit this many minutes (0: no cut)")
+    parser.add_argument("--pragnosia", type=json.loads, help="extra PragnosiaLM kwargs as JSON")
+    args = parser.parse_args()
+    overrides = {
+        key: value
+        for key, value in dict(
+            num_experts=args.num_experts, models=args.models, steps=args.steps, eval_every=args.eval_every,
+            max_bytes_per_domain=args.max_bytes_per_domain, local_lr=args.local_lr, seed=args.seed,
+            pragnosia=args.pragnosia,
+        ).items()
+        if value is not None
+    }
+    if args.time_budget_min is not None:
+        overrides["time_budget_min"] = args.time_budget_min or None
+    config = QualityConfig.quick(**overrides) if args.quick else QualityConfig(**overrides)
+    report = run_quality(config, args.out)
+    print((open(os.path.join(args.out, "quality.md")).read()))
+    if not report["runs"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Peak memory per training step against the number of experts: PragnosiaLM (flat) vs GlobalMoE (growing).
+
+    python scripts/prove_constant_memory.py [--experts 8 16 ... 1024] [--steps 50] [--warmup 10] [--out DIR]
+        [--store disk|host] [--baseline-max-experts N] [--quick]
+
+Each configuration runs in its own process. Writes DIR/constant_memory.{json,md,png}; exit code 0 only when
+every check passes (CV < 2% within runs, max/min of mean memory across n ≤ 1.05, model memory ≤ 1.2 × the
+analytic floor, baseline growing with n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pragnosia_pl.experiments.constant_memory import RunSpec, markdown_table, run_isolated, verdict, write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/constant_memory"))
+    parser.add_argument("--store", choices=["disk", "host"], default=None, help="default: disk on CPU, host on CUDA")
+    parser.add_argument("--baseline-max-experts", type=int, default=256, help="largest n for GlobalMoE (0: none)")
+    parser.add_argument("--malloc-trim-threshold", type=int, default=4 * 2**20,
+                        help="glibc MALLOC_TRIM_THRESHOLD_ for each run, in bytes (-1: the allocator's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny widths, few steps, two n (for tests)")
+    args = parser.parse_args(argv)
+    if min(args.experts) < 2:
+        parser.error("--experts: every n must be ≥ 2 (k = 2)")
+
+    import torch
+
+    store = args.store or ("host" if torch.cuda.is_available() else "disk")
+    trim = None if args.malloc_trim_threshold < 0 else args.malloc_trim_threshold
+    shared = dict(steps=args.steps, warmup=args.warmup, store=store, malloc_trim_threshold=trim)
+    if args.quick:
+        shared.update(d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=200_000)
+    specs = [RunSpec("pragnosia", n, **shared) for n in sorted(args.experts)]
+    specs += [RunSpec("global", n, **shared) for n in sorted(args.experts) if n <= args.baseline_max_experts]
+
+    runs = []
+    with tqdm(specs, desc="constant-memory runs", unit="run", file=sys.stdout) as bar:
+        for spec in bar:
+            bar.set_postfix_str(f"{spec.model} n={spec.num_experts}")
+            start = time.perf_counter()
+            result = run_isolated(spec)
+            runs.append(result)
+            tqdm.write(f"{spec.model:>9} n={spec.num_experts:<5} mean peak {result.summary['mean_bytes'] / 2**20:8.1f} "
+                       f"MiB  cv {100 * result.summary['cv']:.2f}%  ({time.perf_counter() - start:.0f} s)")
+    decision = write_report(runs, args.out)
+    print(markdown_table(runs, verdict(runs)))
+    print(f"wrote {args.out}/constant_memory.json, .md and .png")
+    return 0 if decision["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
