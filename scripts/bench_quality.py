@@ -44,7 +44,7 @@ def main() -> None:
         overrides["time_budget_min"] = args.time_budget_min or None
     config = QualityConfig.quick(**overrides) if args.quick else QualityConfig(**overrides)
     report = run_quality(config, args.out)
-    print((open(os.path.join(args.out, "quality.md")).read()))
+    print(open(os.path.join(args.out, "quality.md")).read())
     if not report["runs"]:
         raise SystemExit(1)
 

@@ -104,7 +104,8 @@ class RunPlan:
 
 def plan_runs(config: QualityConfig) -> list[RunPlan]:
     """The runs of ``config``: the two MoEs per n (interleaved, so a cut run still compares them), then dense."""
-    runs = [RunPlan(kind, n) for n in config.num_experts for kind in ("pragnosia", "global_moe") if kind in config.models]
+    moes = [kind for kind in ("pragnosia", "global_moe") if kind in config.models]
+    runs = [RunPlan(kind, n) for n in config.num_experts for kind in moes]
     if "dense" in config.models:
         runs.append(RunPlan("dense", None))
     return runs
@@ -151,7 +152,7 @@ def _curve_recorder():
     from lightning.pytorch import Callback
 
     class CurveRecorder(Callback):
-        """Keeps the ``val/bpb*`` metrics of every validation and the time spent in training steps."""
+        """Keeps the ``val/bpb*`` metrics of every validation and the time spent in training steps (after two)."""
 
         def __init__(self) -> None:
             self.points: list[dict[str, float]] = []
@@ -163,8 +164,9 @@ def _curve_recorder():
             self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.train_seconds += time.perf_counter() - self._start
-            self.train_steps += 1
+            if trainer.global_step > 2:  # the first steps allocate optimizer state and materialize experts
+                self.train_seconds += time.perf_counter() - self._start
+                self.train_steps += 1
 
         def on_validation_end(self, trainer, pl_module) -> None:
             if trainer.sanity_checking:
@@ -242,6 +244,22 @@ def probe_steps_per_s(config: QualityConfig, runs: list[RunPlan], data, root: st
     return speeds
 
 
+def fit_budget(
+    steps: int, eval_every: int, steps_per_s: dict[str, float], minutes: float, overhead: float = 1.15
+) -> tuple[int, dict[str, Any]]:
+    """Steps every run can take within ``minutes`` in all (a multiple of ``eval_every``), and the estimate.
+
+    ``overhead`` covers validation and Trainer set-up on top of the training steps (about 15% at d=128).
+    """
+    seconds = overhead * sum(steps / speed for speed in steps_per_s.values())
+    run = steps
+    if seconds > 60 * minutes:
+        run = max(eval_every, int(steps * 60 * minutes / seconds) // eval_every * eval_every)
+    budget = {"minutes": minutes, "probe_steps_per_s": steps_per_s, "estimated_minutes": seconds / 60,
+              "steps_requested": steps, "steps_run": run}
+    return run, budget
+
+
 def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
     """Run the benchmark and write ``quality.json``, ``quality.md``, ``curves.png`` and ``curve_<run>.png``."""
     import torch
@@ -257,15 +275,10 @@ def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
         steps, budget = config.steps, None
         if config.time_budget_min is not None:
             speeds = probe_steps_per_s(config, runs, data, root)
-            # validation and Trainer set-up cost about 15% on top of the training steps (measured at d=128)
-            seconds = 1.15 * sum(config.steps / speed for speed in speeds.values())
-            budget = {"minutes": config.time_budget_min, "probe_steps_per_s": speeds,
-                      "estimated_minutes": seconds / 60, "steps_requested": config.steps}
-            if seconds > 60 * config.time_budget_min:
-                cut = int(config.steps * 60 * config.time_budget_min / seconds)
-                steps = max(config.eval_every, cut // config.eval_every * config.eval_every)
-                log(f"quality: {seconds / 60:.0f} min estimated for {config.steps} steps; cut to {steps} steps")
-            budget["steps_run"] = steps
+            steps, budget = fit_budget(config.steps, config.eval_every, speeds, config.time_budget_min)
+            if steps != config.steps:
+                log(f"quality: {budget['estimated_minutes']:.0f} min estimated for {config.steps} steps; "
+                    f"cut to {steps} steps")
         results = []
         for plan in runs:
             log(f"quality: training {plan.label} for {steps} steps")

@@ -372,7 +372,7 @@ def throughput_markdown(report: dict) -> str:
         "",
         f"- host/disk step time ≤ {goals['max_store_ratio']} × device: "
         f"{'yes' if goals['stores_within'] else '**no**'} (worst {goals['worst_store_ratio']:.3f})",
-        f"- PragnosiaLM ≥ GlobalMoE speed at n ≥ 64: "
+        "- PragnosiaLM ≥ GlobalMoE speed at n ≥ 64: "
         + ("n/a" if goals["faster_than_global_moe"] is None else "yes" if goals["faster_than_global_moe"] else "**no**")
         + f" (slowest ratio {goals['min_speed_vs_global_moe_at_n_ge_64']:.2f})",
         "",

@@ -1,0 +1,91 @@
+"""Quick modes of the quality and throughput benchmarks (issue 6): files written, numbers sane."""
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from pragnosia_pl.experiments.quality import QualityConfig, fit_budget, plan_runs
+from pragnosia_pl.experiments.throughput import ThroughputConfig, plan_contenders
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run_script(name: str, *args: str, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+
+
+def test_bench_quality_quick(tmp_path, monkeypatch):
+    out = tmp_path / "quality"
+    run_script("bench_quality.py", "--quick", "--out", str(out), monkeypatch=monkeypatch)
+    for name in ("quality.json", "quality.md", "curves.png", "curve_pragnosia_n8.png", "curve_global_moe_n8.png",
+                 "curve_dense.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "quality.json").read_text())
+    assert [r["label"] for r in report["runs"]] == ["PragnosiaLM n=8", "GlobalMoE n=8", "DenseLM"]
+    actives = [r["params"]["active"] for r in report["runs"]]
+    assert max(actives) / min(actives) < 1.01, "the models must have the same active parameters"
+    for run in report["runs"]:
+        assert run["steps"] == 20
+        assert [p["step"] for p in run["curve"]] == [10, 20]
+        for key in ("val/bpb", "val/bpb/code", "val/bpb/prose"):
+            assert math.isfinite(run["final"][key]) and 0 < run["final"][key] < 8.5, (run["label"], key)
+        assert run["curve"][-1]["val/bpb"] < 8.0  # 20 steps learn something beyond a uniform byte (8 bits)
+    assert set(report["goals"]) == {"n=8"}
+    assert "| PragnosiaLM n=8 |" in (out / "quality.md").read_text()
+
+
+def test_bench_throughput_quick(tmp_path, monkeypatch):
+    out = tmp_path / "throughput"
+    run_script("bench_throughput.py", "--quick", "--out", str(out), monkeypatch=monkeypatch)
+    report = json.loads((out / "throughput.json").read_text())
+    results = report["results"]
+    assert len(results) == 7  # 3 stores × caches {2, 8}, and GlobalMoE
+    for r in results:
+        assert r["timed_steps"] == 2
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        if r["model"] == "PragnosiaLM":
+            assert 0 < r["step_time_vs_device"] < 10 and 0 < r["speed_vs_global_moe"] < 100
+            assert 0 <= r["cache_hit_rate"] <= 1
+            if r["store"] == "device":
+                assert r["step_time_vs_device"] == 1.0
+    assert "| 8 | GlobalMoE |" in (out / "throughput.md").read_text()
+
+
+def test_plans():
+    assert [p.label for p in plan_runs(QualityConfig(num_experts=(8, 32)))] == [
+        "PragnosiaLM n=8", "GlobalMoE n=8", "PragnosiaLM n=32", "GlobalMoE n=32", "DenseLM"
+    ]
+    contenders = plan_contenders(ThroughputConfig(), 512)
+    assert [(c.store, c.expert_cache) for c in contenders] == [
+        ("device", 2), ("host", 2), ("disk", 2), ("device", 8), ("host", 8), ("disk", 8), (None, None)
+    ]
+    assert {c.expert_cache for c in plan_contenders(ThroughputConfig(cache_factors=(1, 4)), 4)} == {2, 4, None}
+
+
+def test_fit_budget_cuts_steps_to_a_multiple_of_eval_every():
+    steps, budget = fit_budget(1500, 100, {"a": 10.0, "b": 5.0}, minutes=10, overhead=1.0)
+    assert (steps, budget["steps_run"]) == (1500, 1500)  # 150 s + 300 s fit in 10 min
+    steps, budget = fit_budget(1500, 100, {"a": 1.0, "b": 1.0}, minutes=10, overhead=1.0)
+    assert steps == 300 and budget["estimated_minutes"] == pytest.approx(50.0)
+    assert fit_budget(1500, 100, {"a": 0.01}, minutes=1)[0] == 100  # never below one learning-curve point
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "match"),
+    [
+        (QualityConfig, dict(models=("pragnosia", "switch")), r"models \(switch\) must be among"),
+        (QualityConfig, dict(num_experts=(1,)), r"must each be ≥ expert_slots \(2\)"),
+        (QualityConfig, dict(steps=0), r"steps \(0\) must be ≥ 1"),
+        (ThroughputConfig, dict(stores=("ssd",)), r"stores \(ssd\) must be among"),
+        (ThroughputConfig, dict(skip_steps=8), r"skip_steps \(8\) must be in \[0, window_steps=8\)"),
+        (ThroughputConfig, dict(cache_factors=(0,)), r"cache_factors \(0,\) must each be ≥ 1"),
+    ],
+)
+def test_config_errors(factory, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        factory(**kwargs)
