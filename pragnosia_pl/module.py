@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import tempfile
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -258,7 +260,7 @@ class PragnosiaLM(LanguageModel):
                     record_numel=self.layout.record_numel,
                     init_record=self.layout.init_record,
                     device=self.device,
-                    directory=self._store_root() / "live",
+                    directory=self._live_directory(),
                 )
             self._cache = ExpertCache(self._store, self.expert_cache_size, self.device)
         if self._pending_snapshot is not None:
@@ -269,6 +271,14 @@ class PragnosiaLM(LanguageModel):
     def store(self) -> ExpertStore:
         self.experts()
         return self._store
+
+    def _live_directory(self) -> Path:
+        """This instance's working copy of the store: scratch space (checkpoints keep snapshots), own per process
+        so that a run, a resumed run and `pragnosia generate` on one store_dir never share it; removed when the
+        module is garbage-collected or the interpreter exits."""
+        live = self._store_root() / f"live-{self._run_id}"
+        weakref.finalize(self, shutil.rmtree, live, ignore_errors=True)
+        return live
 
     def _store_root(self) -> Path:
         if self.hparams.store_dir is not None:

@@ -1,0 +1,44 @@
+"""Every YAML in configs/ parses with LightningCLI; the `pragnosia` command reports bad configuration in one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pragnosia_pl.cli import run_cli
+from pragnosia_pl.lm_base import LanguageModel
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+def test_there_are_configs():
+    assert any(path.name == "quickstart.yaml" for path in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_config_parses_with_lightning_cli(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli(["--config", str(config), "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.model, LanguageModel)
+    assert cli.datamodule is not None
+
+
+def pragnosia(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "from pragnosia_pl.cli import main; main()", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_bad_model_key_is_one_line_naming_the_key(tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    done = pragnosia("fit", "--config", str(config), "--model.init_args.num_active_experts", "3", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "model.num_active_experts (3) must be ≤ model.expert_slots (2)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_print_config_works(tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    done = pragnosia("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pragnosia_pl.PragnosiaLM" in done.stdout and "num_experts: 32" in done.stdout
