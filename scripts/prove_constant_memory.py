@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-max-experts", type=int, default=256, help="largest n for GlobalMoE (0: none)")
     parser.add_argument("--malloc-trim-threshold", type=int, default=4 * 2**20,
                         help="glibc MALLOC_TRIM_THRESHOLD_ for each run, in bytes (-1: the allocator's default)")
+    parser.add_argument("--router", choices=["product", "flat"], default="product", help="PragnosiaLM's router")
     parser.add_argument("--quick", action="store_true", help="tiny widths, few steps, two n (for tests)")
     args = parser.parse_args(argv)
     if min(args.experts) < 2:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = dict(steps=args.steps, warmup=args.warmup, store=store, malloc_trim_threshold=trim)
     if args.quick:
         shared.update(d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=200_000)
-    specs = [RunSpec("pragnosia", n, **shared) for n in sorted(args.experts)]
+    specs = [RunSpec("pragnosia", n, router=args.router, **shared) for n in sorted(args.experts)]
     specs += [RunSpec("global", n, **shared) for n in sorted(args.experts) if n <= args.baseline_max_experts]
 
     runs = []

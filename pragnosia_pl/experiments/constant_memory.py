@@ -49,6 +49,7 @@ class RunSpec:
     accelerator: str = "auto"
     seed: int = 0
     malloc_trim_threshold: int | None = 4 * 2**20
+    router: str = "product"
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -91,7 +92,7 @@ def build_model(spec: RunSpec):
     if spec.model == "global":
         return GlobalMoE(**common)
     return PragnosiaLM(**common, expert_slots=spec.expert_slots, expert_cache=spec.expert_cache, store=spec.store,
-                       store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), seed=spec.seed)
+                       store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), seed=spec.seed, router=spec.router)
 
 
 def analytic_floor(model, batch_size: int, block_size: int) -> dict[str, float]:
