@@ -8,23 +8,47 @@ import os
 import sys
 
 import torch
+from jsonargparse import ArgumentError
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
 
+from pragnosia_pl.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointError, verify_checkpoint
 from pragnosia_pl.data import TextDomains
 from pragnosia_pl.lm_base import LanguageModel
+from pragnosia_pl.module import NonFiniteLossError
+from pragnosia_pl.store import CorruptRecordError
+
+# What a user can fix: printed as one message, without a traceback (PRAGNOSIA_DEBUG=1 shows it).
+USER_ERRORS = (ValueError, OSError, CorruptRecordError, CorruptCheckpointError, NonFiniteLossError)
 
 
 class PragnosiaCLI(LightningCLI):
-    """LightningCLI over every ``LanguageModel`` of the package and any ``LightningDataModule``."""
+    """LightningCLI over every ``LanguageModel`` of the package and any ``LightningDataModule``.
+
+    Checkpoints are written crash-safe (:class:`~pragnosia_pl.checkpoint_io.AtomicCheckpointIO`) unless the
+    configuration names a ``CheckpointIO`` plugin of its own.
+    """
+
+    @override
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
-def run_cli(args: list[str] | None = None, run: bool = True) -> PragnosiaCLI:
+def run_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> PragnosiaCLI:
+    """Runs (or only parses, ``run=False``) the LightningCLI; ``exit_on_error=False`` raises
+    ``jsonargparse.ArgumentError`` on a bad command line or config instead of printing the usage and exiting."""
     return PragnosiaCLI(
         LanguageModel,
         TextDomains,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error},
         args=args,
         run=run,
     )
@@ -42,6 +66,7 @@ def generate(args: list[str]) -> None:
     options = parser.parse_args(args)
     if not os.path.isfile(options.ckpt_path):
         parser.error(f"--ckpt_path {options.ckpt_path}: no such file")
+    verify_checkpoint(options.ckpt_path)
     checkpoint = torch.load(options.ckpt_path, map_location="cpu", weights_only=False)
     module_name, _, class_name = checkpoint.get("model_class", "pragnosia_pl.module.PragnosiaLM").rpartition(".")
     model_class = getattr(importlib.import_module(module_name), class_name)
@@ -57,8 +82,13 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] == "generate":
             generate(argv[1:])
         else:
-            run_cli(argv)
-    except (ValueError, FileNotFoundError) as error:
+            run_cli(None if args is None else argv, exit_on_error=False)  # None: LightningCLI reads sys.argv
+    except ArgumentError as error:  # a bad command line or config file: the message, not the usage
+        if os.environ.get("PRAGNOSIA_DEBUG"):
+            raise
+        sys.stderr.write(f"pragnosia: error: {error}\n(`pragnosia fit --help` lists the options)\n")
+        sys.exit(2)
+    except USER_ERRORS as error:
         if os.environ.get("PRAGNOSIA_DEBUG"):
             raise
         sys.stderr.write(f"pragnosia: error: {error}\n(set PRAGNOSIA_DEBUG=1 for the traceback)\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,23 +47,30 @@ class EpochSampler(Sampler[int]):
     """A random order of ``range(num_samples)`` that depends only on ``(seed, epoch)``, not on the global RNG.
 
     Lightning calls :meth:`set_epoch` at the start of every epoch, so a run resumed at an epoch boundary sees
-    the same batches in the same order as an uninterrupted one.
+    the same batches in the same order as an uninterrupted one. A run resumed mid-epoch restarts the epoch's
+    iteration, and Lightning ends it early by the number of batches already trained on; ``consumed`` says how
+    many samples those were, and the sampler yields them last (never reached), so the resumed epoch trains on
+    exactly the batches the interrupted one had left.
 
     Args:
         num_samples: Size of the dataset.
         seed: Seed of the order.
+        consumed: Called when an iteration starts: samples of this epoch's order already trained on.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
+    def __init__(self, num_samples: int, seed: int = 0, consumed: Callable[[], int] | None = None) -> None:
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
+        self.consumed = consumed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist())
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        skip = self.consumed() % self.num_samples if self.consumed is not None and self.num_samples else 0
+        return iter(np.roll(order, -skip).tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -172,7 +179,8 @@ class TextDomains(pl.LightningDataModule):
     @override
     def prepare_data(self) -> None:
         for key, spec in self.domains.items():
-            load_domain_bytes(key, resolve_domain(key, spec), self.max_bytes_per_domain, self.cache_dir)
+            stream = load_domain_bytes(key, resolve_domain(key, spec), self.max_bytes_per_domain, self.cache_dir)
+            self._num_blocks(key, len(stream))  # fail here, before the Trainer makes a run directory
 
     @override
     def setup(self, stage: str) -> None:
@@ -182,13 +190,7 @@ class TextDomains(pl.LightningDataModule):
         for key, spec in self.domains.items():
             stream = load_domain_bytes(key, resolve_domain(key, spec), self.max_bytes_per_domain, self.cache_dir)
             tokens = torch.from_numpy(stream)  # (N,) uint8
-            num_blocks = len(tokens) // (self.block_size + 1)
-            if num_blocks < 2:
-                raise ValueError(
-                    f"data.domains.{key}: {len(tokens):,} bytes make {num_blocks} block(s) of data.block_size + 1 = "
-                    f"{self.block_size + 1} bytes (need ≥ 2): data.block_size ({self.block_size}) is too large "
-                    "for its text"
-                )
+            num_blocks = self._num_blocks(key, len(tokens))
             order = np.random.default_rng([self.seed, zlib.crc32(key.encode())]).permutation(num_blocks)
             num_val = min(max(1, math.ceil(self.val_fraction * num_blocks)), num_blocks - 1)
             tokens_of[key] = tokens
@@ -198,6 +200,24 @@ class TextDomains(pl.LightningDataModule):
             lines.append(f"{key} {size} ({len(train[key]):,} train / {num_val:,} val blocks)")
         self._tokens, self._train, self._val = tokens_of, train, val
         rank_zero_info("data: " + ", ".join(lines))
+
+    def _num_blocks(self, key: str, num_bytes: int) -> int:
+        num_blocks = num_bytes // (self.block_size + 1)
+        if num_blocks < 2:
+            raise ValueError(
+                f"data.domains.{key}: {num_bytes:,} bytes make {num_blocks} block(s) of data.block_size + 1 = "
+                f"{self.block_size + 1} bytes (need ≥ 2): data.block_size ({self.block_size}) is too large "
+                "for its text"
+            )
+        return num_blocks
+
+    def _consumed_samples(self) -> int:
+        """Samples of the current epoch the Trainer has trained on when it (re)starts iterating: 0, unless it
+        resumes mid-epoch. One batch per rank per step: under DDP the ranks share the order, interleaved."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready * self.batch_size * trainer.world_size
 
     def set_domain(self, name: str | None) -> None:
         """Restricts training to one domain from the next ``train_dataloader()`` on.
@@ -249,7 +269,7 @@ class TextDomains(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(dataset), self.seed),
+            sampler=EpochSampler(len(dataset), self.seed, consumed=self._consumed_samples),
             drop_last=True,
             num_workers=self.num_workers,
             collate_fn=_collate_blocks,

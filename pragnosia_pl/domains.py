@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 
 # Bump when the documents a source yields change, so old caches are not reused.
 _READER_VERSION = 1
@@ -29,6 +30,7 @@ _STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "idle_test", "encodings", "site-packages", "dist-packages", "__pycache__"}
 )
 _LICENSES_DIR = "/usr/share/common-licenses"
+_SNIFF_BYTES = 8192  # a NUL byte among a file's first bytes marks it binary (UTF-8 text has none)
 
 
 class Source(NamedTuple):
@@ -136,18 +138,36 @@ def _read_documents(sources: list[tuple[str, str]]) -> Iterator[dict[str, str]]:
                 yield {"path": path, "text": text}
 
 
-def _select(sources: list[Source], max_bytes: int | None) -> list[tuple[str, str, int, int]]:
-    """Sources in order, with size and mtime, stopping once their sizes reach ``max_bytes``."""
-    selected, total = [], 0
+def _select(
+    key: str, sources: list[Source], max_bytes: int | None
+) -> tuple[list[tuple[str, str, int, int]], list[str], list[str]]:
+    """Sources in order, with size and mtime, stopping once their sizes reach ``max_bytes``; and the binary and
+    the empty files skipped on the way. Raises ``ValueError`` on a file that cannot be read."""
+    selected, binary, empty, total = [], [], [], 0
     for source in sources:
-        stat = os.stat(source.path)
+        try:
+            stat = os.stat(source.path)
+            with open(source.path, "rb") as file:
+                head = file.read(_SNIFF_BYTES)
+        except OSError as err:
+            raise ValueError(f"data.domains.{key}: cannot read {source.path}: {err.strerror or err}") from None
         if stat.st_size == 0:
+            empty.append(source.path)
+            continue
+        if b"\0" in head:
+            binary.append(source.path)
             continue
         selected.append((source.path, source.kind, stat.st_size, stat.st_mtime_ns))
         total += stat.st_size
         if max_bytes is not None and total >= max_bytes:
             break
-    return selected
+    return selected, binary, empty
+
+
+def _listing(paths: list[str], kind: str) -> str:
+    if not paths:
+        return ""
+    return f"{len(paths)} {kind} file(s) skipped: {', '.join(paths[:3])}{', …' if len(paths) > 3 else ''}"
 
 
 def load_domain_bytes(key: str, sources: list[Source], max_bytes: int | None, cache_dir: str) -> np.ndarray:
@@ -166,11 +186,14 @@ def load_domain_bytes(key: str, sources: list[Source], max_bytes: int | None, ca
         A ``uint8`` array of the domain's bytes (its byte tokens).
 
     Raises:
-        ValueError: If the files hold no text.
+        ValueError: If a file cannot be read, or the files hold no text (binary files are skipped).
     """
-    selected = _select(sources, max_bytes)
+    selected, binary, empty = _select(key, sources, max_bytes)
     if not selected:
-        raise ValueError(f"data.domains.{key}: files hold no text")
+        skipped = [_listing(binary, "binary"), _listing(empty, "empty")]
+        raise ValueError(f"data.domains.{key}: files hold no text ({'; '.join(filter(None, skipped))})")
+    if binary:
+        rank_zero_warn(f"data.domains.{key}: {_listing(binary, 'binary')}")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     import datasets
 

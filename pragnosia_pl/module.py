@@ -7,8 +7,11 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +19,28 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
+from pragnosia_pl.distributed import mean_across_ranks, sum_across_ranks, world_size
 from pragnosia_pl.expert_cache import ExpertCache
 from pragnosia_pl.experts import ExpertLayout, make_expert_optimizer
 from pragnosia_pl.lm_base import LanguageModel, check_positive
 from pragnosia_pl.model import FeedForward, init_weights
 from pragnosia_pl.router import Router
-from pragnosia_pl.store import ExpertStore, make_store
+from pragnosia_pl.store import CorruptRecordError, ExpertStore, make_store
 
 STORES = ("device", "host", "disk")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: ``model.max_nonfinite`` consecutive steps had a non-finite loss or gradient."""
+
+
+class LocalStep(NamedTuple):
+    """What :meth:`PragnosiaLM.local_step` did to one expert."""
+
+    expert_out: torch.Tensor  # (N_e, d): the expert's output before its update, detached
+    local_loss: torch.Tensor  # (): detached
+    updated: bool  # False: the loss or gradient was not finite and the record was left as it was
 
 
 class PragnosiaLM(LanguageModel):
@@ -48,7 +65,8 @@ class PragnosiaLM(LanguageModel):
         expert_hidden: hidden width of the default FFN expert; default 4·d.
         store: where experts live off the device: ``device`` (all resident, for comparison), ``host`` or ``disk``.
         store_dir: disk-store and snapshot location; default ``<log_dir>/expert_store``.
-        keep_snapshots: store snapshots (one per checkpoint) to keep; ``None`` keeps all.
+        keep_snapshots: store snapshots (one per checkpoint) to keep, plus the previous one while a checkpoint is
+            being written (so a crash never leaves the last checkpoint without its experts); ``None`` keeps all.
         expert_optimizer: ``sgd`` or ``adam``; its state lives in the expert's record.
         local_lr: learning rate of the expert optimizers.
         local_momentum: SGD momentum of the expert optimizers.
@@ -60,6 +78,12 @@ class PragnosiaLM(LanguageModel):
         grad_clip: max norm of the shared gradient (0 disables).
         max_len: longest sequence the rotary table covers.
         seed: expert e is initialised from ``(seed, e)``.
+        consolidation: what the model keeps when the training domain changes
+            (:class:`~pragnosia_pl.consolidation.ConsolidationConfig`: protected experts per domain, a per-domain
+            copy or a slowed/frozen lr of the shared parts, novelty detection); default: nothing, DESIGN §3's step.
+        max_nonfinite: a step whose local or shared loss or gradient is NaN/inf skips that update (the expert's
+            record is not written, the shared parameters keep their values); after this many consecutive such
+            steps training stops with :class:`NonFiniteLossError`. ``None``: never stop.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -97,6 +121,8 @@ class PragnosiaLM(LanguageModel):
         grad_clip: float = 1.0,
         max_len: int = 1024,
         seed: int = 0,
+        consolidation: ConsolidationConfig | dict[str, Any] | None = None,
+        max_nonfinite: int | None = 20,
     ) -> None:
         super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
         self.save_hyperparameters()
@@ -132,8 +158,14 @@ class PragnosiaLM(LanguageModel):
             raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORES)}")
         if keep_snapshots is not None and keep_snapshots < 1:
             raise ValueError(f"model.keep_snapshots ({keep_snapshots}) must be ≥ 1 or null (keep all)")
+        if max_nonfinite is not None and max_nonfinite < 1:
+            raise ValueError(f"model.max_nonfinite ({max_nonfinite}) must be ≥ 1 or null (never stop)")
         self.automatic_optimization = False
         self.router = Router(d_model, num_experts, num_active_experts, gate=gate, router=router)
+        self.consolidation = Consolidation(
+            ConsolidationConfig.of(consolidation), num_experts, num_active_experts, self.expert_slots
+        )
+        self.hparams["consolidation"] = asdict(self.consolidation.config)  # plain types: weights-only checkpoints
         self.expert_optimizer = make_expert_optimizer(expert_optimizer, local_lr, local_momentum)
         self.layout = ExpertLayout(self.build_expert, self.expert_optimizer, seed)
         self.usage: Counter[int] = Counter()
@@ -143,6 +175,9 @@ class PragnosiaLM(LanguageModel):
         self._run_id = secrets.token_hex(4)
         self._tmp_store_dir: tempfile.TemporaryDirectory | None = None
         self._epoch_selections: list[int] = []
+        self.skipped_expert_updates = 0  # non-finite local losses or gradients, since the run began
+        self.skipped_shared_updates = 0
+        self._nonfinite_streak = 0  # consecutive steps with a skipped update
 
     def build_expert(self) -> nn.Module:
         """A freshly initialised expert ``(N, d) -> (N, d)``; override for another expert architecture."""
@@ -160,43 +195,58 @@ class PragnosiaLM(LanguageModel):
 
         h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
         targets = targets.flatten()  # (N,)
-        routing = self.router(h, self.expert_slots)
+        if self.consolidation.enabled:
+            self._observe_domain(h, targets)
+        candidates = self.consolidation.training_candidates(h, self.router, reduce=sum_across_ranks)  # (m,) | None
+        routing = self.router(  # every rank: the same working set
+            h, self.expert_slots, mass_hook=sum_across_ranks, candidates=candidates
+        )
         working_set = routing.working_set.tolist()
 
         h_in = h.detach()  # experts never see the trunk's graph
         mixture = torch.zeros_like(h_in)  # (N, d) Σ_e g_e · o_e
-        local_losses = []
+        local_losses, skipped_experts = [], []
         for position, expert_id in enumerate(working_set):
             token_idx, gate = routing.tokens_of(position)  # (N_e,), (N_e,)
             record = cache.load(expert_id)
             if position + 1 < len(working_set):
                 cache.prefetch(working_set[position + 1])
-            expert_out, local_loss = self.local_step(record, h_in[token_idx], targets[token_idx])
-            cache.mark_dirty(expert_id)
+            expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx])
+            if updated:
+                cache.mark_dirty(expert_id)
+            else:
+                skipped_experts.append(expert_id)  # its slot still equals its record: nothing to write back
             mixture = mixture.index_add(0, token_idx, gate[:, None] * expert_out)  # gates carry the router's grad
             local_losses.append(local_loss)
 
         lm_loss = F.cross_entropy(self.backbone.logits(h + mixture), targets)
         loss = lm_loss + self.hparams.balance_coef * routing.balance_loss
         optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        if self.hparams.grad_clip > 0:
+        if loss.requires_grad:  # not when consolidation froze every shared parameter
+            self.manual_backward(loss)
+        shared_updated = self._shared_update_is_finite(loss)
+        if not shared_updated:
+            # Still step: Lightning counts optimizer steps as global steps (one per batch), and AdamW leaves every
+            # parameter without a gradient, and its state, untouched.
+            optimizer.zero_grad(set_to_none=True)
+        elif self.hparams.grad_clip > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
+        self._count_skipped_updates(skipped_experts, shared_updated)
 
         self.usage.update(working_set)
         self._epoch_selections.extend(working_set)
-        self.log("train/loss", lm_loss, prog_bar=True)
+        self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
         self.log("train/local_loss", torch.stack(local_losses).mean())
         self.log("train/balance_loss", routing.balance_loss.detach())
         return loss.detach()
 
-    def local_step(
-        self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_step(self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor) -> LocalStep:
         """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss.
 
-        Returns the expert's output before the update (N_e, d) and the local loss, both detached.
+        Returns the expert's output before the update (N_e, d) and the local loss, both detached, and whether the
+        update was applied: a non-finite loss or gradient leaves ``record`` untouched. Under DDP the gradient and
+        the loss are first averaged over every rank's tokens, so every replica takes the same step (or skips it).
         """
         params, state, step = self.layout.split(record)
         leaf = _alias(params).requires_grad_(True)  # the slot's memory, the graph's own version counter
@@ -204,20 +254,90 @@ class PragnosiaLM(LanguageModel):
             expert_out = self.layout.forward(leaf, h_e)  # (N_e, d)
             local_loss = self.local_loss(h_e, expert_out, targets_e)
             (grad,) = torch.autograd.grad(local_loss, leaf)
-        self.expert_optimizer.step(params, grad, state, step)
-        return expert_out.detach(), local_loss.detach()
+        grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0))  # replicas stay identical
+        finite = torch.isfinite(grad).all()
+        if h_e.size(0) > 0 or world_size() > 1:  # one process, no tokens: the mean is NaN, the gradient zero
+            finite = finite & torch.isfinite(local_loss)
+        updated = bool(finite)  # one host sync per expert, as tokens_of's nonzero() already costs
+        if updated:  # checked before stepping: the step is in place, on the slot
+            self.expert_optimizer.step(params, grad, state, step)
+        return LocalStep(expert_out.detach(), local_loss.detach(), updated)
 
     def local_loss(self, h_e: torch.Tensor, expert_out: torch.Tensor, targets_e: torch.Tensor) -> torch.Tensor:
         """``CE(head(norm(h_e + o_e)), y_e)`` through the detached head: a gradient for the expert alone."""
         return F.cross_entropy(self.backbone.detached_logits(h_e + expert_out), targets_e)
+
+    def on_domain_switch(self, previous: str, new: str) -> None:
+        """The training domain changed (``callbacks.DomainSwitcher`` calls this): the consolidation policy acts."""
+        if self.consolidation.on_domain_switch(self.global_step, previous, new, self.parameters()):
+            self._consolidate()
+
+    def _observe_domain(self, h: torch.Tensor, targets: torch.Tensor) -> None:
+        """Show the policy this batch's loss under the trunk and head, before any update (novelty detection)."""
+        with torch.no_grad():
+            loss = F.cross_entropy(self.backbone.logits(h), targets, reduction="sum").float()
+            total = sum_across_ranks(torch.stack([loss, loss.new_tensor(float(targets.numel()))]))  # (2,)
+        if self.consolidation.observe(float(total[0] / total[1]), self.global_step, self.parameters()):
+            self._consolidate()  # a new domain, detected
+        if self.consolidation.last_z is not None:
+            self.log("train/novelty_z", self.consolidation.last_z)
+
+    def _consolidate(self) -> None:
+        """Give the shared parameters the policy's learning-rate factor; at 0 they stop requiring gradients."""
+        factor = self.consolidation.shared_lr_factor
+        for param in self.parameters():
+            param.requires_grad_(factor > 0)
+        if self._trainer is not None and self.trainer.optimizers:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = self.hparams.lr * factor
+        protected = self.consolidation.protected
+        rank_zero_info(
+            f"consolidation: domain {len(self.consolidation.groups)} from step {self.global_step}, shared lr × "
+            f"{factor:g}" + ("" if protected is None else f", {protected.numel()} experts protected")
+        )
+
+    @override
+    def on_train_start(self) -> None:
+        if self.consolidation.switches:  # resumed after a switch: the optimizer's lr and requires_grad again
+            self._consolidate()
+
+    def _shared_update_is_finite(self, loss: torch.Tensor) -> bool:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return True  # a GradScaler skips non-finite steps itself (and needs their gradients to adjust its scale)
+        finite = torch.isfinite(loss.detach())
+        grads = [p.grad for p in self.shared_parameters() if p.grad is not None]
+        if grads:
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        # ranks differ in their loss: skip on all of them if any sees a non-finite one (replicas stay identical)
+        return not bool(sum_across_ranks((~finite).float().reshape(1)))
+
+    def _count_skipped_updates(self, skipped_experts: list[int], shared_updated: bool) -> None:
+        self.skipped_expert_updates += len(skipped_experts)
+        self.skipped_shared_updates += not shared_updated
+        self.log("train/skipped_expert_updates", float(self.skipped_expert_updates))
+        self.log("train/skipped_shared_updates", float(self.skipped_shared_updates))
+        if not skipped_experts and shared_updated:
+            self._nonfinite_streak = 0
+            return
+        self._nonfinite_streak += 1
+        limit = self.hparams.max_nonfinite
+        if limit is not None and self._nonfinite_streak >= limit:
+            what = [f"the local updates of experts {skipped_experts}"] if skipped_experts else []
+            what += [] if shared_updated else ["the shared update"]
+            raise NonFiniteLossError(
+                f"training stopped at step {self.global_step}: {self._nonfinite_streak} consecutive steps had a "
+                f"NaN/inf loss or gradient (model.max_nonfinite = {limit}); the last one skipped {' and '.join(what)}. "
+                "Lower model.lr or model.local_lr, check the data, or raise model.max_nonfinite"
+            )
 
     @override
     def on_train_epoch_end(self) -> None:
         counts = torch.tensor(list(self.usage.values()), dtype=torch.float64)
         if counts.numel():
             p = counts / counts.sum()
-            self.log("train/expert_entropy", -(p * p.log()).sum().float())
-            self.log("train/experts_used", float(counts.numel()))
+            # the same on every rank (one working set for all); sync_dist only tells Lightning so
+            self.log("train/expert_entropy", -(p * p.log()).sum().float(), sync_dist=True)
+            self.log("train/experts_used", float(counts.numel()), sync_dist=True)
         experiment = getattr(self.logger, "experiment", None)
         if self._epoch_selections and hasattr(experiment, "add_histogram"):
             experiment.add_histogram("experts/usage", torch.tensor(self._epoch_selections), self.global_step)
@@ -227,11 +347,32 @@ class PragnosiaLM(LanguageModel):
 
     @override
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) for ``tokens`` (B, T), streaming the routed experts through the device slots."""
-        cache = self.experts()
+        """Logits (B, T, V) for ``tokens`` (B, T), streaming the routed experts through the device slots.
+
+        With protected experts (``model.consolidation``) every known domain's model predicts, and the result is
+        the average of their predictions weighted by each domain's posterior given the prefix (log-probabilities).
+        """
         B, T = tokens.shape
-        h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
-        routing = self.router(h, self.eval_expert_slots)
+        domains = self.consolidation.eval_domains()
+        if domains is None:
+            h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
+            return self.backbone.logits(h + self._expert_mixture(h)).view(B, T, -1)  # (B, T, V)
+        log_probs, live_h = [], None
+        for domain in domains:
+            with self._shared_weights(domain.shared):
+                if domain.shared is not None:
+                    h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d) with the domain's own shared parts
+                else:
+                    live_h = self.backbone.trunk(tokens).flatten(0, 1) if live_h is None else live_h
+                    h = live_h
+                logits = self.backbone.logits(h + self._expert_mixture(h, domain.experts))  # (N, V)
+            log_probs.append(F.log_softmax(logits.float(), dim=-1).view(B, T, -1))
+        return self.consolidation.mix(log_probs, tokens, self.consolidation.config.domain_switch_rate)  # (B, T, V)
+
+    def _expert_mixture(self, h: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ_e g_e · expert_e(h)`` (N, d) over the routed experts (among ``candidates``), through the slots."""
+        cache = self.experts()
+        routing = self.router(h, self.eval_expert_slots, candidates=candidates)
         working_set = routing.working_set.tolist()
         mixture = torch.zeros_like(h)  # (N, d)
         for position, expert_id in enumerate(working_set):
@@ -242,9 +383,32 @@ class PragnosiaLM(LanguageModel):
             if position + 1 < len(working_set):
                 cache.prefetch(working_set[position + 1])
             mixture = mixture.index_add(0, token_idx, gate[:, None] * self.layout.forward(params, h[token_idx]))
-        return self.backbone.logits(h + mixture).view(B, T, -1)  # (B, T, V)
+        return mixture
+
+    @contextmanager
+    def _shared_weights(self, snapshot: list[torch.Tensor] | None) -> Iterator[None]:
+        """Run with a domain's copy of the shared parameters in place of the live ones (``None``: the live ones)."""
+        if snapshot is None:
+            yield
+            return
+        params = list(self.parameters())
+        live = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for param, saved in zip(params, snapshot):
+                param.copy_(saved)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, saved in zip(params, live):
+                    param.copy_(saved)
 
     # ------------------------------------------------------------------------------------------ store & cache
+
+    @override
+    def setup(self, stage: str) -> None:
+        # One run id on every rank: rank r's live replica and rank 0's snapshots are named after it.
+        self._run_id = self.trainer.strategy.broadcast(self._run_id)
 
     def experts(self) -> ExpertCache:
         """The expert cache on this module's device (built, and restored from a checkpoint, on first use)."""
@@ -275,8 +439,9 @@ class PragnosiaLM(LanguageModel):
     def _live_directory(self) -> Path:
         """This instance's working copy of the store: scratch space (checkpoints keep snapshots), own per process
         so that a run, a resumed run and `pragnosia generate` on one store_dir never share it; removed when the
-        module is garbage-collected or the interpreter exits."""
-        live = self._store_root() / f"live-{self._run_id}"
+        module is garbage-collected or the interpreter exits. Under DDP each rank keeps its own replica."""
+        rank = f"-rank{self.global_rank}" if world_size() > 1 else ""
+        live = self._store_root() / f"live-{self._run_id}{rank}"
         weakref.finalize(self, shutil.rmtree, live, ignore_errors=True)
         return live
 
@@ -296,7 +461,14 @@ class PragnosiaLM(LanguageModel):
                 "parameters; keep its store_dir (or raise model.keep_snapshots)"
             )
         self._cache.invalidate()
-        self._store.restore(snapshot)
+        try:
+            self._store.restore(snapshot)
+        except CorruptRecordError as error:
+            raise CorruptRecordError(
+                f"{error}; this checkpoint's expert store is damaged: resume from an earlier checkpoint",
+                expert_id=error.expert_id,
+                path=error.path,
+            ) from error
         self._pending_snapshot = None
 
     def memory_stats(self) -> dict[str, float]:
@@ -318,21 +490,44 @@ class PragnosiaLM(LanguageModel):
         super().on_save_checkpoint(checkpoint)
         cache = self.experts()
         cache.flush()
-        snapshots = self._store_root() / "snapshots"
+        snapshots = self._store_root() / "snapshots"  # on every rank: trainer.log_dir is a collective
         writes = int(self._store.stats()["writes"])  # two saves at one step share a snapshot only if nothing changed
         directory = snapshots / f"{self._run_id}-step-{self.global_step:09d}-w{writes}"
-        if not directory.exists():
-            self._store.snapshot(directory)
+        if self.global_rank == 0:
+            # Prune before this snapshot, sparing the newest `keep` others: the checkpoint file that points at the
+            # newest of them stays resumable until this checkpoint is safely on disk (a crash or full disk may stop
+            # us before that). on_fit_end prunes down to `keep`.
+            self._prune_snapshots(snapshots, spare=directory)
+            if not directory.exists():  # replicas are identical: rank 0's stands for all
+                self._store.snapshot(directory)
         checkpoint["expert_store"] = {
             "snapshot": str(directory.resolve()),
             "num_experts": self.hparams.num_experts,
             "record_numel": self.layout.record_numel,
         }
+        checkpoint["consolidation"] = self.consolidation.state_dict()
+        checkpoint["skipped_updates"] = {
+            "experts": self.skipped_expert_updates,
+            "shared": self.skipped_shared_updates,
+            "streak": self._nonfinite_streak,
+        }
+
+    @override
+    def on_fit_end(self) -> None:
+        if self.hparams.keep_snapshots is None:
+            return
+        snapshots = self._store_root() / "snapshots"  # on every rank: trainer.log_dir is a collective
+        if self.global_rank == 0:
+            self._prune_snapshots(snapshots)
+
+    def _prune_snapshots(self, snapshots: Path, spare: Path | None = None) -> None:
+        """Removes this run's snapshots but the newest ``keep_snapshots`` (and ``spare``); none with ``None``."""
         keep = self.hparams.keep_snapshots
-        if keep is not None:
-            ours = sorted(snapshots.glob(f"{self._run_id}-step-*"))
-            for old in ours[:-keep]:
-                _remove_tree(old)
+        if keep is None:
+            return
+        ours = sorted(p for p in snapshots.glob(f"{self._run_id}-step-*") if p != spare)
+        for old in ours[:-keep]:
+            _remove_tree(old)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -345,7 +540,15 @@ class PragnosiaLM(LanguageModel):
                 f"({self.hparams.num_experts} × {self.layout.record_numel}): same model.num_experts, d_model, "
                 "expert_hidden and expert_optimizer are needed to resume"
             )
+        skipped = checkpoint.get("skipped_updates", {})
+        self.skipped_expert_updates = skipped.get("experts", 0)
+        self.skipped_shared_updates = skipped.get("shared", 0)
+        self._nonfinite_streak = skipped.get("streak", 0)
         self._pending_snapshot = info["snapshot"]
+        if "consolidation" in checkpoint:
+            self.consolidation.load_state_dict(checkpoint["consolidation"])
+            for param in self.parameters():
+                param.requires_grad_(self.consolidation.shared_lr_factor > 0)
         if self._cache is not None:
             self._restore(self._pending_snapshot)
         rank_zero_info(f"expert store: restoring from {info['snapshot']}")

@@ -86,17 +86,28 @@ class Router(nn.Module):
         self.proj = nn.Linear(d_model, sum(self.keys), bias=False)
         nn.init.normal_(self.proj.weight, std=0.02)
 
-    def forward(self, h: torch.Tensor, expert_slots: int, mass_hook: MassHook | None = None) -> Routing:
+    def forward(
+        self,
+        h: torch.Tensor,
+        expert_slots: int,
+        mass_hook: MassHook | None = None,
+        candidates: torch.Tensor | None = None,
+    ) -> Routing:
         """Route ``h`` (N, d) through a working set of ``expert_slots`` experts.
 
         With ``expert_slots ≥ n`` this is plain per-token top-k over all experts. ``mass_hook`` receives the
-        per-expert router mass and returns the mass to choose from (distributed training all-reduces it so
-        every rank picks the same working set).
+        per-expert router mass (per-token top-k: the number of tokens that chose each expert) and returns the
+        mass to choose from (distributed training all-reduces it so every rank picks the same working set).
+        ``candidates`` (C,) restricts the working set to those expert ids (one domain's experts, DESIGN §3):
+        the top-S of them by router mass, each token takes its top-k inside, and experts no token took are
+        dropped (so no expert trains on zero tokens); the mass is then only computed for the C candidates.
         """
         scores = self.proj(h).float().split(self.keys, dim=-1)  # (N, n1), (N, n2)
         log_probs = [F.log_softmax(s, dim=-1) for s in scores]
-        if expert_slots >= self.num_experts:
-            working_set, positions = self._per_token_topk(log_probs)
+        if candidates is not None:
+            working_set, positions = self._within(log_probs, candidates, expert_slots, mass_hook)
+        elif expert_slots >= self.num_experts:
+            working_set, positions = self._per_token_topk(log_probs, mass_hook)
         else:
             mass = self._mass([lp.detach().exp() for lp in log_probs])  # (n,)
             if mass_hook is not None:
@@ -114,6 +125,29 @@ class Router(nn.Module):
         balance_loss = self.num_experts * (fraction * prob_in_set).sum()
         return Routing(working_set, positions, gates, balance_loss)
 
+    @torch.no_grad()
+    def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
+        """Router probability mass of every expert summed over the tokens ``h`` (N, d): (n,)."""
+        scores = self.proj(h).float().split(self.keys, dim=-1)
+        return self._mass([F.softmax(s, dim=-1) for s in scores])  # (n,)
+
+    def _within(
+        self, log_probs: list[torch.Tensor], candidates: torch.Tensor, expert_slots: int, mass_hook: MassHook | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k > candidates.numel():
+            raise ValueError(f"{candidates.numel()} candidate experts cannot give each token k={self.k}")
+        mass = self._log_prob_at(log_probs, candidates).detach().exp().sum(dim=0)  # (C,)
+        if mass_hook is not None:
+            mass = mass_hook(mass)
+        working_set = candidates[mass.topk(min(expert_slots, candidates.numel())).indices]  # (S,)
+        positions = self._log_prob_at(log_probs, working_set).detach().topk(self.k, dim=-1).indices  # (N, k)
+        taken = torch.bincount(positions.flatten(), minlength=working_set.numel()).float()  # (S,)
+        if mass_hook is not None:
+            taken = mass_hook(taken)
+        kept = taken > 0
+        new_position = kept.long().cumsum(0) - 1  # (S,) position among the kept experts
+        return working_set[kept], new_position[positions]  # (S',), (N, k)
+
     def _split(self, experts: torch.Tensor) -> list[torch.Tensor]:
         if self.kind == "flat":
             return [experts]
@@ -129,7 +163,9 @@ class Router(nn.Module):
         joint = probs[0].t() @ probs[1]  # (n1, n2) Σ_t p1_t(i)·p2_t(j)
         return joint.flatten()[: self.num_experts]  # (n,)
 
-    def _per_token_topk(self, log_probs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _per_token_topk(
+        self, log_probs: list[torch.Tensor], mass_hook: MassHook | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kind == "flat":
             experts = log_probs[0].topk(self.k, dim=-1).indices  # (N, k)
         else:
@@ -140,5 +176,9 @@ class Router(nn.Module):
             combined = combined.masked_fill(ids >= self.num_experts, float("-inf")).flatten(1)
             best = combined.topk(self.k, dim=-1).indices  # (N, k)
             experts = ids.flatten(1).gather(1, best)  # (N, k)
-        working_set, inverse = experts.unique(return_inverse=True)
-        return working_set, inverse  # (S,), (N, k)
+        if mass_hook is None:
+            working_set, inverse = experts.unique(return_inverse=True)
+            return working_set, inverse  # (S,), (N, k)
+        chosen = mass_hook(torch.bincount(experts.flatten(), minlength=self.num_experts).float())  # (n,)
+        working_set = chosen.nonzero().squeeze(-1)  # (S,) every expert some token chose (on some rank)
+        return working_set, torch.searchsorted(working_set, experts)  # (S,), (N, k)

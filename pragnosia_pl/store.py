@@ -43,6 +43,8 @@ except ImportError:  # pragma: no cover - Windows
 import numpy as np
 import torch
 
+from pragnosia_pl.faults import crash_point
+
 RecordInit = Callable[[int, torch.Tensor], None]
 """``init_record(expert_id, out)`` fills the zeroed CPU float32 vector ``out`` (``record_numel``
 elements) with the expert's initial record, deterministically from ``(seed, expert_id)``."""
@@ -222,6 +224,8 @@ class ExpertStore(ABC):
 
         Raises:
             FileExistsError: ``directory`` exists and is neither empty nor a snapshot.
+            OSError: the snapshot could not be written (e.g. the disk is full); ``directory`` and every other
+                snapshot are left as they were.
         """
         self._check_open()
         self.synchronize()
@@ -260,7 +264,15 @@ class ExpertStore(ABC):
                 json.dump(meta, file, indent=2)
                 _fsync_file(file)
             _fsync_dir(partial)
+            crash_point("snapshot-write")
             _replace_dir(partial, target)
+        except OSError as error:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise OSError(
+                error.errno,
+                f"cannot write the expert-store snapshot {target}: {error.strerror or error}; "
+                "earlier snapshots are intact",
+            ) from error
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -781,9 +793,19 @@ class DiskStore(ExpertStore):
     def _write_cpu(self, expert_id: int, src: torch.Tensor) -> None:
         view = _byte_view(src)
         crc = zlib.crc32(view)
-        _pwrite_full(self._fd, view, expert_id * self.record_bytes)
-        if self.fsync:
-            _fdatasync(self._fd)
+        offset = expert_id * self.record_bytes
+        try:
+            _pwrite_full(self._fd, view, offset)
+            if self.fsync:
+                _fdatasync(self._fd)
+        except OSError as error:  # the record on disk may be half written: its old checksum will say so on read
+            raise OSError(
+                error.errno,
+                f"expert {expert_id}: cannot write its record to {self.path} at byte offset {offset}: "
+                f"{error.strerror or error}; this file is the run's scratch copy, checkpoints and their store "
+                "snapshots are not affected",
+            ) from error
+        crash_point("store-write")
         self._crc[expert_id] = crc
 
     def _clear_now(self) -> None:

@@ -76,8 +76,8 @@ def test_local_step_updates_only_its_record(tiny):
     initial = record.clone()
     x, y = next(iter(token_loader(1)))
     h = torch.randn(x.numel(), tiny["d_model"])
-    out, loss = model.local_step(record, h, y.flatten())
-    assert out.shape == h.shape and not out.requires_grad and loss.ndim == 0
+    out, loss, updated = model.local_step(record, h, y.flatten())
+    assert out.shape == h.shape and not out.requires_grad and loss.ndim == 0 and updated
     assert not torch.equal(record, initial)
     second = model.local_step(record, h, y.flatten())[1]
     assert second < loss  # the expert learned from its own loss
@@ -118,7 +118,10 @@ def test_eval_forward_and_generate_stream_through_the_cache(tiny):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(num_active_experts=3, expert_slots=2), r"model.num_active_experts \(3\) must be ≤ model.expert_slots \(2\)"),
+        (
+            dict(num_active_experts=3, expert_slots=2),
+            r"model.num_active_experts \(3\) must be ≤ model.expert_slots \(2\)",
+        ),
         (dict(num_experts=4, expert_slots=5), r"model.expert_slots \(5\) must be ≤ model.num_experts \(4\)"),
         (dict(expert_slots=3, expert_cache=2), r"model.expert_cache \(2\) must be ≥ model.expert_slots \(3\)"),
         (dict(num_experts=0), r"model.num_experts \(0\) must be > 0"),

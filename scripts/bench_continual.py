@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Continual-learning benchmark (issue 7): domains in sequence, forgetting of PragnosiaLM variants vs baselines.
+
+    python scripts/bench_continual.py                       # full run, writes bench_results/continual/
+    python scripts/bench_continual.py --quick --out /tmp/c  # seconds: tiny widths, 4 steps per stage
+    python scripts/bench_continual.py --variants naive "frozen shared + protected, m=8" --baselines global_moe
+    python scripts/bench_continual.py --variant-json '{"mine": {"consolidation": {"shared_lr_factor": 0.3}}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pragnosia_pl.experiments.continual import BASELINES, ContinualConfig, run_continual  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny widths, 4 steps per stage (what the test runs)")
+    parser.add_argument("--out", default="bench_results/continual", help="output folder")
+    parser.add_argument(
+        "--variants", nargs="*", help="PragnosiaLM variants, by label (default: all; none: only --variant-json)"
+    )
+    parser.add_argument("--variant-json", type=json.loads, help="extra variants: {label: PragnosiaLM kwargs}")
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES, help="baselines to run (default: all)")
+    parser.add_argument("--schedule", nargs="+", help="domains in training order (default: every domain once)")
+    parser.add_argument("--steps-per-stage", type=int)
+    parser.add_argument("--batches-per-epoch", type=int)
+    parser.add_argument("--d-model", type=int)
+    parser.add_argument("--num-experts", type=int)
+    parser.add_argument("--max-bytes-per-domain", type=int)
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args()
+    overrides = {
+        key: value
+        for key, value in dict(
+            baselines=args.baselines, schedule=args.schedule, steps_per_stage=args.steps_per_stage,
+            batches_per_epoch=args.batches_per_epoch, d_model=args.d_model, num_experts=args.num_experts,
+            max_bytes_per_domain=args.max_bytes_per_domain, seed=args.seed,
+        ).items()
+        if value is not None
+    }
+    config = ContinualConfig.quick(**overrides) if args.quick else ContinualConfig(**overrides)
+    variants = dict(config.pragnosia_variants)
+    if args.variants is not None:
+        missing = [name for name in args.variants if name not in variants]
+        if missing:
+            parser.error(f"unknown --variants {missing}; known: {list(variants)}")
+        variants = {name: variants[name] for name in args.variants}
+    variants.update(args.variant_json or {})
+    config.pragnosia_variants = variants
+    if config.joint_variant not in variants:
+        config.joint_variant = None
+    run_continual(config, args.out)
+    print(open(os.path.join(args.out, "continual.md")).read())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Continual learning (issue 7): the consolidation policy, the benchmark's quick mode, its arithmetic and resume."""
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_trainer, token_loader
+
+from callbacks import DomainSwitcher
+from pragnosia_pl import PragnosiaLM
+from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
+from pragnosia_pl.experiments.continual import (
+    ContinualConfig,
+    RunPlan,
+    continual_goals,
+    figures_of,
+    make_datamodule,
+    plan_runs,
+    train_model,
+)
+from pragnosia_pl.router import Router
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+PROTECTED = "snapshot shared + protected, m=2"
+
+
+def protected_model(tiny, **consolidation) -> PragnosiaLM:
+    options = dict(shared_lr_factor=0.0, protect_experts=True, experts_per_domain=3)
+    options.update(consolidation)
+    return PragnosiaLM(
+        **tiny, num_experts=8, num_active_experts=2, expert_slots=3, expert_cache=3, eval_expert_slots=3,
+        store="host", consolidation=ConsolidationConfig(**options),
+    )
+
+
+def records(model: PragnosiaLM) -> torch.Tensor:
+    model.experts().flush()
+    out = torch.empty(model.hparams.num_experts, model.layout.record_numel)
+    for e in range(model.hparams.num_experts):
+        model.store.read(e, out[e])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the policy
+
+
+def test_a_switch_freezes_the_shared_parts_and_protects_the_domain_experts(tiny, tmp_path):
+    torch.manual_seed(0)
+    model = protected_model(tiny)
+    cpu_trainer(tmp_path, max_steps=3).fit(model, token_loader(3, seed=0))
+    first = model.consolidation.groups[0].experts.tolist()
+    assert len(first) == 3 and set(model.usage) <= set(first)  # stage 1 trained its own 3 experts only
+    model.on_domain_switch("a", "b")
+    shared = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before = records(model)
+
+    model.usage.clear()
+    cpu_trainer(tmp_path, max_steps=3).fit(model, token_loader(3, seed=1))
+    second = model.consolidation.groups[1].experts.tolist()
+    assert not set(first) & set(second) and set(model.usage) <= set(second)
+    after = records(model)
+    assert torch.equal(before[first], after[first])  # protected: bit-for-bit, optimizer state included
+    assert not torch.equal(before[second], after[second])  # the new domain's experts learnt
+    assert all(torch.equal(shared[name], p) for name, p in model.named_parameters())  # shared parts frozen
+    assert model.consolidation.switches == [{"step": 3, "reason": "told", "previous": "a", "new": "b"}]
+
+
+def test_slowed_shared_parts_keep_learning_at_the_reduced_rate(tiny, tmp_path):
+    model = protected_model(tiny, shared_lr_factor=0.25)
+    trainer = cpu_trainer(tmp_path, max_steps=2)
+    trainer.fit(model, token_loader(2))
+    model.on_domain_switch("a", "b")
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [0.25e-3, 0.25e-3]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_snapshot_keeps_the_old_domain_as_it_was_while_the_shared_parts_learn_on(tiny, tmp_path):
+    torch.manual_seed(0)
+    model = protected_model(tiny, shared_lr_factor=1.0, snapshot_shared=True)
+    cpu_trainer(tmp_path, max_steps=4).fit(model, token_loader(4, seed=0))
+    tokens, targets = next(iter(token_loader(1, seed=0)))
+    model.eval()
+    with torch.no_grad():
+        first_domain = F.log_softmax(model(tokens), dim=-1)  # one known domain: its model alone
+    model.on_domain_switch("a", "b")
+    shared_at_switch = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    cpu_trainer(tmp_path, max_steps=4).fit(model, token_loader(4, seed=1))
+    live = [p.detach().clone() for p in model.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(shared_at_switch, live))  # the live shared parts learnt on
+    model.eval()
+    with torch.no_grad():
+        mixed = model(tokens)  # both domains' models, weighted by their posterior
+    assert all(torch.equal(a, b) for a, b in zip(live, model.parameters()))  # evaluation put the live ones back
+    assert all(torch.equal(a, b) for a, b in zip(model.consolidation.groups[0].shared, shared_at_switch))
+    # A Bayesian average is at most log G nats worse per sequence than the right domain's model alone.
+    seq_nll = lambda log_probs: -log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)  # noqa: E731
+    assert (seq_nll(mixed) <= seq_nll(first_domain) + math.log(2) + 1e-4).all()
+
+
+def test_mix_is_the_posterior_weighted_average_given_the_prefix():
+    tokens = torch.tensor([[0, 1, 1]])  # (B=1, T=3), V=2
+    a = torch.tensor([[[0.9, 0.1], [0.5, 0.5], [0.8, 0.2]]]).log()  # domain a's predictions at t = 0, 1, 2
+    b = torch.tensor([[[0.2, 0.8], [0.1, 0.9], [0.3, 0.7]]]).log()
+    mixed = Consolidation.mix([a, b], tokens).exp()
+    # t=0: no evidence, 1/2 each; t=1: saw x_1=1 (a: 0.1, b: 0.8); t=2: also x_2=1 (a: 0.1·0.5, b: 0.8·0.9)
+    w_a = [0.5, 0.1 / 0.9, 0.05 / (0.05 + 0.72)]
+    expected = torch.stack([w * a[0, t].exp() + (1 - w) * b[0, t].exp() for t, w in enumerate(w_a)])
+    assert torch.allclose(mixed[0], expected, atol=1e-6)
+    assert torch.equal(Consolidation.mix([a], tokens), a)
+    # fixed share α = 0.5: after each update half the weight is spread evenly, (1 − α)·posterior + α/2
+    w_a = [0.5]
+    for x, (pa, pb) in zip([1, 1], [(0.1, 0.8), (0.5, 0.9)]):
+        posterior_a = w_a[-1] * pa / (w_a[-1] * pa + (1 - w_a[-1]) * pb)
+        w_a.append(0.5 * posterior_a + 0.25)
+    assert w_a == pytest.approx([0.5, 0.5 / 9 + 0.25, 0.348214], abs=1e-6)
+    expected = torch.stack([w * a[0, t].exp() + (1 - w) * b[0, t].exp() for t, w in enumerate(w_a)])
+    assert torch.allclose(Consolidation.mix([a, b], tokens, switch_rate=0.5).exp()[0], expected, atol=1e-6)
+
+
+def test_novelty_is_detected_at_the_first_batch_of_a_new_domain_and_not_before():
+    policy = Consolidation(ConsolidationConfig(novelty="auto", novelty_warmup=10), 8, 2, 2)
+    g = torch.Generator().manual_seed(0)
+    noise = [0.05 * v for v in torch.randn(80, generator=g).tolist()]
+    learning = [2.2 + 0.8 * math.exp(-step / 10) + noise[step] for step in range(60)]  # falling, then flat
+    new_domain = [2.8 + noise[step] for step in range(60, 80)]  # a new domain: the loss jumps
+    fired = [policy.observe(loss, step) for step, loss in enumerate(learning + new_domain)]
+    assert [step for step, f in enumerate(fired) if f] == [60]
+    assert policy.switches == [{"step": 60, "reason": "novelty", "previous": None, "new": None}]
+    assert not policy.on_domain_switch(60, "a", "b") and policy.told == [{"step": 60, "previous": "a", "new": "b"}]
+
+
+def test_policy_state_round_trips():
+    config = ConsolidationConfig(protect_experts=True, experts_per_domain=2, snapshot_shared=True)
+    policy = Consolidation(config, 8, 2, 2)
+    policy.observe(2.0, step=0)
+    policy.groups[0].experts = torch.tensor([1, 5])
+    policy.switch(step=1, reason="told", parameters=[torch.ones(3)])
+    restored = Consolidation(policy.config, 8, 2, 2)
+    restored.load_state_dict(policy.state_dict())
+    assert restored.summary() == policy.summary() and restored.protected.tolist() == [1, 5]
+    assert torch.equal(restored.groups[0].shared[0], torch.ones(3))
+
+
+def test_router_candidates_bound_the_working_set_and_every_expert_gets_tokens():
+    router = Router(d_model=16, num_experts=16, num_active_experts=2)
+    candidates = torch.tensor([3, 7, 9, 12])
+    routing = router(torch.randn(64, 16), expert_slots=4, candidates=candidates)
+    assert set(routing.working_set.tolist()) <= set(candidates.tolist())
+    assert all(routing.tokens_of(p)[0].numel() > 0 for p in range(routing.working_set.numel()))
+    with pytest.raises(ValueError, match="1 candidate experts cannot give each token k=2"):
+        router(torch.randn(4, 16), expert_slots=2, candidates=torch.tensor([3]))
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (dict(shared_lr_factor=1.5), r"model\.consolidation\.shared_lr_factor \(1\.5\) must be in \[0, 1\]"),
+        (dict(experts_per_domain=0), r"model\.consolidation\.experts_per_domain \(0\) must be ≥ 1 or null"),
+        (dict(novelty="maybe"), r"model\.consolidation\.novelty \('maybe'\) must be one of: told, auto"),
+        (dict(novelty_threshold=0), r"model\.consolidation\.novelty_threshold \(0\) must be > 0"),
+        (dict(novelty_warmup=0), r"model\.consolidation\.novelty_warmup \(0\) must be ≥ 1"),
+        (dict(stats_momentum=1.0), r"model\.consolidation\.stats_momentum \(1\.0\) must be in \(0, 1\)"),
+        (dict(domain_switch_rate=1.0), r"model\.consolidation\.domain_switch_rate \(1\.0\) must be in \[0, 1\)"),
+        (dict(snapshot_shared=True), r"model\.consolidation\.snapshot_shared needs model\.consolidation\.protect"),
+    ],
+)
+def test_bad_consolidation_options_name_their_key(options, match):
+    with pytest.raises(ValueError, match=match):
+        ConsolidationConfig(**options)
+
+
+def test_domain_groups_must_fit_the_experts(tiny):
+    with pytest.raises(ValueError, match=r"experts_per_domain \(1\) must be between model\.num_active_experts \(2\)"):
+        protected_model(tiny, experts_per_domain=1)
+    policy = Consolidation(ConsolidationConfig(protect_experts=True, experts_per_domain=3), 4, 2, 2)
+    router = Router(d_model=4, num_experts=4, num_active_experts=2)
+    policy.observe(2.0, step=0)
+    policy.training_candidates(torch.randn(8, 4), router)
+    policy.switch(step=1, reason="told")
+    with pytest.raises(ValueError, match=r"domain 2 needs .*experts_per_domain \(3\) unprotected experts but only 1"):
+        policy.training_candidates(torch.randn(8, 4), router)
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
+def test_bench_continual_quick(tmp_path, monkeypatch):
+    out = tmp_path / "continual"
+    monkeypatch.setattr(sys, "argv", ["bench_continual.py", "--quick", "--out", str(out)])
+    runpy.run_path(str(SCRIPTS / "bench_continual.py"), run_name="__main__")
+    report = json.loads((out / "continual.json").read_text())
+    labels = [r["label"] for r in report["runs"]]
+    assert labels == [
+        "GlobalMoE (naive sequential)", "PragnosiaLM (naive)", f"PragnosiaLM ({PROTECTED})",
+        "DenseLM (naive sequential)", "PragnosiaLM joint (all domains mixed, reference)",
+    ]
+    for run in report["runs"]:
+        bpb = run["bpb"]
+        assert run["stages"] == ["code", "docs", "licenses"] and run["steps"] == 12
+        assert len(bpb["initial"]) == 3 and [len(row) for row in bpb["matrix"]] == [3, 3, 3]  # 3 stages × 3 domains
+        assert all(0 < v < 9 for row in bpb["matrix"] for v in row)
+        assert bpb["plasticity"] == [bpb["matrix"][i][i] for i in range(3)]
+        assert (out / run["slug"] / "continual.png").stat().st_size > 0
+    assert set(report["goals"]) == {"naive", PROTECTED}
+    protected = report["runs"][2]
+    domains = protected["consolidation"]["domains"]
+    assert [len(d["experts"]) for d in domains] == [2, 2, 2] and len({e for d in domains for e in d["experts"]}) == 6
+    assert [d["shared_snapshot"] for d in domains] == [True, True, False]  # the open domain uses the live ones
+    assert (out / "heatmaps.png").stat().st_size > 0
+    assert f"| PragnosiaLM ({PROTECTED}) |" in (out / "continual.md").read_text()
+
+
+def test_figures_and_goals_match_a_hand_computed_example():
+    schedule = [{"domain": d, "epochs": 1} for d in ("a", "b", "c")]
+
+    def finished(matrix, initial):
+        switcher = DomainSwitcher(schedule)
+        switcher.domains = ["a", "b", "c"]
+        switcher.loss_matrix = switcher.bpb_matrix = matrix
+        switcher.initial_loss = switcher.initial_bpb = initial
+        return switcher
+
+    global_moe = figures_of(RunPlan("global_moe"), finished(
+        [[2.0, 5.0, 6.0], [3.0, 2.5, 5.5], [3.5, 3.0, 1.5]], [8.0, 8.0, 8.0]
+    ))
+    figures = global_moe["bpb"]["figures"]
+    assert figures["average_final"] == pytest.approx(8.0 / 3)  # (3.5 + 3.0 + 1.5) / 3
+    assert figures["bwt"] == pytest.approx(-1.0)  # ((2 − 3.5) + (2.5 − 3)) / 2
+    assert figures["forgetting"] == pytest.approx(1.0)  # ((3.5 − 2) + (3 − 2.5)) / 2
+    assert figures["fwt"] == pytest.approx(2.75)  # ((8 − 5) + (8 − 5.5)) / 2
+    assert global_moe["bpb"]["plasticity"] == [2.0, 2.5, 1.5]
+
+    mine = figures_of(RunPlan("pragnosia", "x"), finished(
+        [[2.1, 5.0, 6.0], [2.1, 2.6, 6.0], [2.15, 2.6, 1.6]], [8.0, 8.0, 8.0]
+    ))
+    goal = continual_goals([global_moe, mine])["x"]
+    assert goal["forgetting"] == pytest.approx(0.025)  # ((2.15 − 2.1) + (2.6 − 2.6)) / 2
+    assert goal["forgetting_ratio"] == pytest.approx(0.025) and goal["forgetting_ok"]  # ≤ 5% of 1.0
+    assert goal["final_ratio"] == pytest.approx(6.35 / 8.0) and goal["final_ok"]  # 0.794 ≤ 0.8
+    assert goal["plasticity_ratios"] == pytest.approx([1.05, 1.04, 1.6 / 1.5]) and goal["plasticity_ok"]
+
+
+def test_resume_in_the_middle_of_the_schedule_continues_exactly(tmp_path):
+    config = ContinualConfig.quick(baselines=())
+    plan = plan_runs(config)[1]
+    assert plan.variant == PROTECTED
+    data = make_datamodule(config)
+    whole = train_model(config, plan, data, tmp_path / "whole", tmp_path / "work-whole")
+    first = train_model(config, plan, data, tmp_path / "first", tmp_path / "work", stop_after_stage=1)
+    assert len(first["bpb"]["matrix"]) == 1 and first["steps"] == 4
+    checkpoint = str(tmp_path / "work" / "checkpoints" / "last.ckpt")
+    resumed = train_model(config, plan, data, tmp_path / "resumed", tmp_path / "work", ckpt_path=checkpoint)
+    assert resumed["steps"] == whole["steps"] == 12
+    assert resumed["bpb"]["initial"] == whole["bpb"]["initial"]
+    assert resumed["bpb"]["matrix"] == whole["bpb"]["matrix"]  # CPU: bit-identical
+    assert resumed["consolidation"] == whole["consolidation"]
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        (dict(schedule=["code", "poetry"]), r"schedule names \['poetry'\], which are not among domains"),
+        (dict(schedule=["code"]), r"schedule \(\['code'\]\) needs at least two stages"),
+        (dict(baselines=("global_moe", "linear")), r"baselines \(linear\) must be among: global_moe, dense, joint"),
+        (dict(steps_per_stage=5), r"steps_per_stage \(5\) must be a multiple of batches_per_epoch \(2\)"),
+        (dict(d_model=0), r"d_model \(0\) must be ≥ 1"),
+        (dict(joint_variant="best"), r"joint_variant \('best'\) must be one of pragnosia_variants"),
+    ],
+)
+def test_bad_benchmark_options_name_their_field(options, match):
+    with pytest.raises(ValueError, match=match):
+        ContinualConfig.quick(**options)
+
+
+def test_stages_must_fit_the_smallest_domain():
+    with pytest.raises(ValueError, match=r"batches_per_epoch \(500\) exceeds the \d+ training batches"):
+        make_datamodule(ContinualConfig.quick(steps_per_stage=500, batches_per_epoch=500))
+
+
+def test_default_variants_label_and_plan():
+    config = ContinualConfig()
+    runs = plan_runs(config)
+    assert runs[0].kind == "global_moe" and [r.kind for r in runs[-2:]] == ["dense", "joint"]
+    assert math.isclose(config.steps_per_stage / config.batches_per_epoch, config.epochs_per_stage)
+    assert len({r.slug for r in runs}) == len(runs)
