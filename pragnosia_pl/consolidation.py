@@ -269,9 +269,7 @@ class Consolidation:
         self.switches.append({"step": step, "reason": reason, "previous": previous, "new": new})
         return True
 
-    def on_domain_switch(
-        self, step: int, previous: str, new: str, parameters: Iterable[torch.Tensor] = ()
-    ) -> bool:
+    def on_domain_switch(self, step: int, previous: str, new: str, parameters: Iterable[torch.Tensor] = ()) -> bool:
         """A switch announced from outside (``DomainSwitcher``): acted on with ``novelty="told"``, else recorded."""
         self.told.append({"step": step, "previous": previous, "new": new})
         if self.detects_novelty or not self.enabled:

@@ -84,6 +84,11 @@ class PragnosiaLM(LanguageModel):
         max_nonfinite: a step whose local or shared loss or gradient is NaN/inf skips that update (the expert's
             record is not written, the shared parameters keep their values); after this many consecutive such
             steps training stops with :class:`NonFiniteLossError`. ``None``: never stop.
+        backprop_through_experts: the shared loss also reaches the trunk through each working-set expert's input
+            (the expert's parameters held at their pre-step values, so still no gradient reaches an expert), at
+            the cost of one more forward per expert and a copy of its parameters. Off: DESIGN §2's detached
+            ``o_e``. With ``expert_optimizer=adam`` and a working set larger than k it closes most of the gap to
+            ``GlobalMoE`` (``bench_results/quality``).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -123,6 +128,7 @@ class PragnosiaLM(LanguageModel):
         seed: int = 0,
         consolidation: ConsolidationConfig | dict[str, Any] | None = None,
         max_nonfinite: int | None = 20,
+        backprop_through_experts: bool = False,
     ) -> None:
         super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
         self.save_hyperparameters()
@@ -211,11 +217,14 @@ class PragnosiaLM(LanguageModel):
             record = cache.load(expert_id)
             if position + 1 < len(working_set):
                 cache.prefetch(working_set[position + 1])
+            pre_step = self.layout.split(record)[0].clone() if self.hparams.backprop_through_experts else None
             expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx])
             if updated:
                 cache.mark_dirty(expert_id)
             else:
                 skipped_experts.append(expert_id)  # its slot still equals its record: nothing to write back
+            if pre_step is not None:  # same values; a graph into the trunk, none into the expert
+                expert_out = self.layout.forward(pre_step, h[token_idx])  # (N_e, d)
             mixture = mixture.index_add(0, token_idx, gate[:, None] * expert_out)  # gates carry the router's grad
             local_losses.append(local_loss)
 

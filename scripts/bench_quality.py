@@ -30,13 +30,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--time-budget-min", type=float, help="cut steps to fit this many minutes (0: no cut)")
     parser.add_argument("--pragnosia", type=json.loads, help="extra PragnosiaLM kwargs as JSON")
+    parser.add_argument("--variants", type=json.loads,
+                        help='more PragnosiaLM runs, JSON {name: kwargs}: {"adam": {"expert_optimizer": "adam"}}')
     args = parser.parse_args()
     overrides = {
         key: value
         for key, value in dict(
             num_experts=args.num_experts, models=args.models, steps=args.steps, eval_every=args.eval_every,
             max_bytes_per_domain=args.max_bytes_per_domain, local_lr=args.local_lr, seed=args.seed,
-            pragnosia=args.pragnosia,
+            pragnosia=args.pragnosia, variants=args.variants,
         ).items()
         if value is not None
     }

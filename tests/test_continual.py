@@ -33,8 +33,14 @@ def protected_model(tiny, **consolidation) -> PragnosiaLM:
     options = dict(shared_lr_factor=0.0, protect_experts=True, experts_per_domain=3)
     options.update(consolidation)
     return PragnosiaLM(
-        **tiny, num_experts=8, num_active_experts=2, expert_slots=3, expert_cache=3, eval_expert_slots=3,
-        store="host", consolidation=ConsolidationConfig(**options),
+        **tiny,
+        num_experts=8,
+        num_active_experts=2,
+        expert_slots=3,
+        expert_cache=3,
+        eval_expert_slots=3,
+        store="host",
+        consolidation=ConsolidationConfig(**options),
     )
 
 
@@ -197,8 +203,11 @@ def test_bench_continual_quick(tmp_path, monkeypatch):
     report = json.loads((out / "continual.json").read_text())
     labels = [r["label"] for r in report["runs"]]
     assert labels == [
-        "GlobalMoE (naive sequential)", "PragnosiaLM (naive)", f"PragnosiaLM ({PROTECTED})",
-        "DenseLM (naive sequential)", "PragnosiaLM joint (all domains mixed, reference)",
+        "GlobalMoE (naive sequential)",
+        "PragnosiaLM (naive)",
+        f"PragnosiaLM ({PROTECTED})",
+        "DenseLM (naive sequential)",
+        "PragnosiaLM joint (all domains mixed, reference)",
     ]
     for run in report["runs"]:
         bpb = run["bpb"]
@@ -226,9 +235,9 @@ def test_figures_and_goals_match_a_hand_computed_example():
         switcher.initial_loss = switcher.initial_bpb = initial
         return switcher
 
-    global_moe = figures_of(RunPlan("global_moe"), finished(
-        [[2.0, 5.0, 6.0], [3.0, 2.5, 5.5], [3.5, 3.0, 1.5]], [8.0, 8.0, 8.0]
-    ))
+    global_moe = figures_of(
+        RunPlan("global_moe"), finished([[2.0, 5.0, 6.0], [3.0, 2.5, 5.5], [3.5, 3.0, 1.5]], [8.0, 8.0, 8.0])
+    )
     figures = global_moe["bpb"]["figures"]
     assert figures["average_final"] == pytest.approx(8.0 / 3)  # (3.5 + 3.0 + 1.5) / 3
     assert figures["bwt"] == pytest.approx(-1.0)  # ((2 − 3.5) + (2.5 − 3)) / 2
@@ -236,9 +245,9 @@ def test_figures_and_goals_match_a_hand_computed_example():
     assert figures["fwt"] == pytest.approx(2.75)  # ((8 − 5) + (8 − 5.5)) / 2
     assert global_moe["bpb"]["plasticity"] == [2.0, 2.5, 1.5]
 
-    mine = figures_of(RunPlan("pragnosia", "x"), finished(
-        [[2.1, 5.0, 6.0], [2.1, 2.6, 6.0], [2.15, 2.6, 1.6]], [8.0, 8.0, 8.0]
-    ))
+    mine = figures_of(
+        RunPlan("pragnosia", "x"), finished([[2.1, 5.0, 6.0], [2.1, 2.6, 6.0], [2.15, 2.6, 1.6]], [8.0, 8.0, 8.0])
+    )
     goal = continual_goals([global_moe, mine])["x"]
     assert goal["forgetting"] == pytest.approx(0.025)  # ((2.15 − 2.1) + (2.6 − 2.6)) / 2
     assert goal["forgetting_ratio"] == pytest.approx(0.025) and goal["forgetting_ok"]  # ≤ 5% of 1.0

@@ -38,10 +38,12 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "naive": {},
     "frozen shared": {"consolidation": {"shared_lr_factor": 0.0}},
     "frozen shared + protected, m=8": {
-        **PROTECTED, "consolidation": {"shared_lr_factor": 0.0, "protect_experts": True, "experts_per_domain": 8}
+        **PROTECTED,
+        "consolidation": {"shared_lr_factor": 0.0, "protect_experts": True, "experts_per_domain": 8},
     },
     "slow shared ×0.3 + protected, m=8": {
-        **PROTECTED, "consolidation": {"shared_lr_factor": 0.3, "protect_experts": True, "experts_per_domain": 8}
+        **PROTECTED,
+        "consolidation": {"shared_lr_factor": 0.3, "protect_experts": True, "experts_per_domain": 8},
     },
     "snapshot shared + protected, m=8, α=0": {**PROTECTED, "consolidation": {**SNAPSHOT, "domain_switch_rate": 0.0}},
     "snapshot shared + protected, m=8": {**PROTECTED, "consolidation": SNAPSHOT},
@@ -134,14 +136,20 @@ class ContinualConfig:
     def quick(cls, **overrides: Any) -> ContinualConfig:
         """A tiny run (seconds): width 16, one trunk layer, n=8, 4 steps per stage, two variants."""
         options: dict[str, Any] = dict(
-            d_model=16, n_shared_layers=1, n_heads=2, num_experts=8, block_size=32, batch_size=4,
-            steps_per_stage=4, batches_per_epoch=2, max_bytes_per_domain=20_000, val_batches=2,
+            d_model=16,
+            n_shared_layers=1,
+            n_heads=2,
+            num_experts=8,
+            block_size=32,
+            batch_size=4,
+            steps_per_stage=4,
+            batches_per_epoch=2,
+            max_bytes_per_domain=20_000,
+            val_batches=2,
             pragnosia_variants={
                 "naive": {},
                 "snapshot shared + protected, m=2": {
-                    "consolidation": {
-                        "protect_experts": True, "snapshot_shared": True
-                    }
+                    "consolidation": {"protect_experts": True, "snapshot_shared": True}
                 },
             },
         )
@@ -184,8 +192,12 @@ def build_model(config: ContinualConfig, plan: RunPlan, store_dir: str):
     from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
 
     common = dict(
-        d_model=config.d_model, n_shared_layers=config.n_shared_layers, n_heads=config.n_heads,
-        num_active_experts=config.num_active_experts, lr=config.lr, max_len=config.block_size,
+        d_model=config.d_model,
+        n_shared_layers=config.n_shared_layers,
+        n_heads=config.n_heads,
+        num_active_experts=config.num_active_experts,
+        lr=config.lr,
+        max_len=config.block_size,
     )
     if plan.kind == "dense":
         return DenseLM(**common)
@@ -193,8 +205,13 @@ def build_model(config: ContinualConfig, plan: RunPlan, store_dir: str):
         return GlobalMoE(**common, num_experts=config.num_experts)
     variant = plan.variant if plan.kind == "pragnosia" else config.joint_variant
     options = dict(
-        common, num_experts=config.num_experts, expert_slots=config.expert_slots, store=config.store,
-        store_dir=store_dir, local_lr=config.local_lr, seed=config.seed,
+        common,
+        num_experts=config.num_experts,
+        expert_slots=config.expert_slots,
+        store=config.store,
+        store_dir=store_dir,
+        local_lr=config.local_lr,
+        seed=config.seed,
     )
     options.update(config.pragnosia_variants.get(variant, {}) if variant is not None else {})
     if plan.kind == "joint":
@@ -213,8 +230,12 @@ def make_datamodule(config: ContinualConfig, mixed: bool = False):
             super().set_domain(None)
 
     data = (MixedDomains if mixed else TextDomains)(
-        dict(config.domains), block_size=config.block_size, batch_size=config.batch_size,
-        max_bytes_per_domain=config.max_bytes_per_domain, seed=config.seed, cache_dir=config.cache_dir,
+        dict(config.domains),
+        block_size=config.block_size,
+        batch_size=config.batch_size,
+        max_bytes_per_domain=config.max_bytes_per_domain,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
     )
     data.prepare_data()
     data.setup("fit")
@@ -253,9 +274,16 @@ def train_model(
     switcher = DomainSwitcher(schedule, out_dir=str(run_dir))
     stages = len(schedule) if stop_after_stage is None else stop_after_stage
     trainer = Trainer(
-        accelerator="cpu", devices=1, default_root_dir=str(work_dir), logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, max_epochs=stages * config.epochs_per_stage,
-        limit_train_batches=config.batches_per_epoch, limit_val_batches=config.val_batches,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(work_dir),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        max_epochs=stages * config.epochs_per_stage,
+        limit_train_batches=config.batches_per_epoch,
+        limit_val_batches=config.val_batches,
         check_val_every_n_epoch=config.epochs_per_stage,
         callbacks=[switcher, ModelCheckpoint(dirpath=str(work_dir / "checkpoints"), save_last=True)],
     )
@@ -279,8 +307,12 @@ def figures_of(plan: RunPlan, switcher) -> dict[str, Any]:
     stage_domains = [stage.domain for stage in switcher.schedule[: switcher.stage]]
     figures = switcher.figures()
     result: dict[str, Any] = {
-        "label": plan.label, "kind": plan.kind, "variant": plan.variant, "slug": plan.slug,
-        "domains": list(switcher.domains), "stages": stage_domains,
+        "label": plan.label,
+        "kind": plan.kind,
+        "variant": plan.variant,
+        "slug": plan.slug,
+        "domains": list(switcher.domains),
+        "stages": stage_domains,
     }
     for name, matrix, initial in (
         ("loss", switcher.loss_matrix, switcher.initial_loss),
@@ -387,15 +419,19 @@ def continual_markdown(report: dict[str, Any]) -> str:
         f"bytes, seed {config['seed']}; d={config['d_model']}, {config['n_shared_layers']} trunk layers, "
         f"n={config['num_experts']}, k={config['num_active_experts']}, S={config['expert_slots']} unless the variant "
         f"says otherwise; shared AdamW lr {config['lr']}, expert SGD lr {config['local_lr']}.",
-        "Data: " + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in report["data"].items())
+        "Data: "
+        + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in report["data"].items())
         + f" (max_bytes_per_domain={config['max_bytes_per_domain']}); evaluation: held-out blocks of every domain.",
         "",
         "All figures in bits per byte. Plasticity: bpb on each domain right after its own stage. Forgetting: mean "
         "over the domains before the last of (final bpb − best bpb after an earlier stage); BWT: mean of "
         "(bpb after the domain's stage − final bpb), negative is forgetting.",
         "",
-        "| model | final avg bpb | avg forgetting | BWT | plasticity (" + ", ".join(schedule) + ") | final ("
-        + ", ".join(report["runs"][0]["domains"]) + ") | wall s |",
+        "| model | final avg bpb | avg forgetting | BWT | plasticity ("
+        + ", ".join(schedule)
+        + ") | final ("
+        + ", ".join(report["runs"][0]["domains"])
+        + ") | wall s |",
         "|---|---:|---:|---:|---|---|---:|",
     ]
     for r in report["runs"]:
@@ -406,7 +442,9 @@ def continual_markdown(report: dict[str, Any]) -> str:
             f"| {r['label']} | {figures['average_final']:.3f} | "
             + ("— | — | " if mixed else f"{figures['forgetting']:+.3f} | {figures['bwt']:+.3f} | ")
             + ("—" if mixed else ", ".join(f"{v:.3f}" for v in bpb["plasticity"]))
-            + " | " + ", ".join(f"{v:.3f}" for v in bpb["final"].values()) + f" | {r['wall_s']:.0f} |"
+            + " | "
+            + ", ".join(f"{v:.3f}" for v in bpb["final"].values())
+            + f" | {r['wall_s']:.0f} |"
         )
     goals = report["goals"]
     if goals:
@@ -422,13 +460,18 @@ def continual_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {variant} | {goal['forgetting_ratio']:+.3f} {_mark(goal['forgetting_ok'])} | "
                 f"{goal['final_ratio']:.3f} {_mark(goal['final_ok'])} | "
-                + ", ".join(f"{v:.3f}" for v in goal["plasticity_ratios"]) + f" {_mark(goal['plasticity_ok'])} |"
+                + ", ".join(f"{v:.3f}" for v in goal["plasticity_ratios"])
+                + f" {_mark(goal['plasticity_ok'])} |"
             )
     lines += ["", "PragnosiaLM variants (keyword arguments on top of the shared ones):", ""]
     for variant, options in config["pragnosia_variants"].items():
         lines.append(f"- {variant}: `{json.dumps(options, ensure_ascii=False)}`")
-    novelty = [r for r in report["runs"] if r.get("consolidation", {}).get("told") and
-               any(s["reason"] == "novelty" for s in r["consolidation"]["switches"])]
+    novelty = [
+        r
+        for r in report["runs"]
+        if r.get("consolidation", {}).get("told")
+        and any(s["reason"] == "novelty" for s in r["consolidation"]["switches"])
+    ]
     for r in novelty:
         told = [t["step"] for t in r["consolidation"]["told"]]
         fired = [s["step"] for s in r["consolidation"]["switches"]]
@@ -463,9 +506,16 @@ def plot_heatmaps(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(r["label"], fontsize=8)
         for i, row in enumerate(matrix):
             for j, value in enumerate(row):
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                        color="black" if image.norm(value) < 0.5 else "white")
-    for ax in list(axes.flat)[len(results):]:
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if image.norm(value) < 0.5 else "white",
+                )
+    for ax in list(axes.flat)[len(results) :]:
         ax.axis("off")
     fig.suptitle("validation bits per byte (lower is better; 'before' row clipped to the colour scale)", fontsize=9)
     fig.tight_layout()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
+BEST_VARIANT = {"expert_slots": "n", "expert_optimizer": "adam", "local_lr": 1e-3, "backprop_through_experts": True}
 
 
 @dataclass
@@ -29,11 +30,17 @@ class QualityConfig:
         steps: training steps of every model (batches of ``batch_size × block_size`` tokens).
         eval_every: steps between two points of the learning curve.
         max_bytes_per_domain: bytes read from each domain (``data.max_bytes_per_domain``).
+        local_lr: PragnosiaLM's expert SGD learning rate: 0.2, the best of {0.05, 0.2, 0.5, 1.0} at n=8 (the
+            prototype's 0.05 trails it by 0.02 bpb).
         time_budget_min: if set, a probe measures steps/s first and ``steps`` is cut so that all runs fit
             (the JSON records the cut); ``None`` runs ``steps`` as asked.
         threads: torch CPU threads (``None``: torch's default). One by default: on a machine shared with other
             jobs, OpenMP threads that wait for a descheduled sibling make steps up to 100× slower.
-        pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches), applied last.
+        pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches) of every PragnosiaLM run.
+        variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
+            ``pragnosia`` (the value ``"n"`` stands for the run's ``num_experts``); the plain run always runs.
+            Default: the best configuration the issue-6 investigation found (every expert in the working set,
+            Adam experts, the shared loss backpropagated through the experts into the trunk).
 
     Raises:
         ValueError: on an unknown model kind or a non-positive size.
@@ -53,11 +60,12 @@ class QualityConfig:
     max_bytes_per_domain: int | None = 1_000_000
     domains: dict[str, str] = field(default_factory=lambda: {"code": "stdlib-code", "prose": "stdlib-docs"})
     lr: float = 1e-3
-    local_lr: float = 0.05
+    local_lr: float = 0.2
     store: str = "host"
     pragnosia: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"S=n adam bte": BEST_VARIANT})
     seed: int = 0
-    time_budget_min: float | None = 40.0
+    time_budget_min: float | None = 45.0
     probe_steps: int = 12
     threads: int | None = 1
     cache_dir: str | None = None
@@ -87,25 +95,33 @@ class QualityConfig:
 
 @dataclass
 class RunPlan:
-    """One model of the benchmark: ``kind`` at ``num_experts`` (``None`` for the dense model)."""
+    """One model of the benchmark: ``kind`` at ``num_experts`` (``None`` for the dense model), and for
+    ``PragnosiaLM`` the name of a variant (``""``: the plain configuration)."""
 
     kind: str
     num_experts: int | None
+    variant: str = ""
 
     @property
     def label(self) -> str:
         name = {"pragnosia": "PragnosiaLM", "global_moe": "GlobalMoE", "dense": "DenseLM"}[self.kind]
-        return name if self.num_experts is None else f"{name} n={self.num_experts}"
+        label = name if self.num_experts is None else f"{name} n={self.num_experts}"
+        return f"{label} [{self.variant}]" if self.variant else label
 
     @property
     def slug(self) -> str:
-        return self.kind if self.num_experts is None else f"{self.kind}_n{self.num_experts}"
+        slug = self.kind if self.num_experts is None else f"{self.kind}_n{self.num_experts}"
+        return f"{slug}_{self.variant}" if self.variant else slug
 
 
 def plan_runs(config: QualityConfig) -> list[RunPlan]:
     """The runs of ``config``: the two MoEs per n (interleaved, so a cut run still compares them), then dense."""
-    moes = [kind for kind in ("pragnosia", "global_moe") if kind in config.models]
-    runs = [RunPlan(kind, n) for n in config.num_experts for kind in moes]
+    runs = []
+    for n in config.num_experts:
+        if "pragnosia" in config.models:
+            runs += [RunPlan("pragnosia", n)] + [RunPlan("pragnosia", n, name) for name in config.variants]
+        if "global_moe" in config.models:
+            runs.append(RunPlan("global_moe", n))
     if "dense" in config.models:
         runs.append(RunPlan("dense", None))
     return runs
@@ -128,6 +144,8 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
         store_dir=store_dir, local_lr=config.local_lr, seed=config.seed,
     )
     options.update(config.pragnosia)
+    variant = config.variants.get(plan.variant, {})
+    options.update({key: plan.num_experts if value == "n" else value for key, value in variant.items()})
     return PragnosiaLM(**options)
 
 
@@ -203,7 +221,8 @@ def train_one(config: QualityConfig, plan: RunPlan, data, steps: int, root: str,
     trainer = _trainer(root, steps, min(config.eval_every, steps) if validate else None, [recorder])
     trainer.fit(model, datamodule=data)
     result: dict[str, Any] = {
-        "label": plan.label, "kind": plan.kind, "num_experts": plan.num_experts, "steps": trainer.global_step,
+        "label": plan.label, "slug": plan.slug, "kind": plan.kind, "num_experts": plan.num_experts,
+        "variant": plan.variant, "steps": trainer.global_step,
         "params": parameter_counts(model), "train_seconds": recorder.train_seconds,
         "steps_per_s": recorder.train_steps / recorder.train_seconds if recorder.train_seconds else math.nan,
     }
@@ -307,15 +326,16 @@ def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
 
 
 def quality_goals(results: list[dict]) -> dict[str, dict[str, Any]]:
-    """Per n: PragnosiaLM's final val bpb ≤ GlobalMoE's, and < DenseLM's."""
+    """Per PragnosiaLM run: its final val bpb ≤ GlobalMoE's at the same n, and < DenseLM's."""
     final = {(r["kind"], r["num_experts"]): r["final"]["val/bpb"] for r in results if "final" in r}
     dense = final.get(("dense", None))
     goals = {}
-    for (kind, n), bpb in final.items():
-        if kind != "pragnosia":
+    for r in results:
+        if r["kind"] != "pragnosia" or "final" not in r:
             continue
+        n, bpb = r["num_experts"], r["final"]["val/bpb"]
         moe = final.get(("global_moe", n))
-        goals[f"n={n}"] = {
+        goals[r["label"].removeprefix("PragnosiaLM ")] = {
             "pragnosia": bpb,
             "global_moe": moe,
             "dense": dense,
@@ -339,6 +359,7 @@ def quality_markdown(report: dict) -> str:
         f"PragnosiaLM: expert SGD lr {config['local_lr']}, store {config['store']}"
         + (f", {config['pragnosia']}" if config["pragnosia"] else "")
         + f"; shared AdamW lr {config['lr']}.",
+        *[f"Variant [{name}]: {kwargs}." for name, kwargs in config["variants"].items()],
         "Data: " + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in report["data"].items())
         + f" (max_bytes_per_domain={config['max_bytes_per_domain']}), mixed; val = held-out blocks of each domain.",
     ]
@@ -401,8 +422,7 @@ def plot_curves(results: list[dict], out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        slug = r["kind"] if r["num_experts"] is None else f"{r['kind']}_n{r['num_experts']}"
-        fig.savefig(out / f"curve_{slug}.png", dpi=110)
+        fig.savefig(out / f"curve_{r['slug']}.png", dpi=110)
         plt.close(fig)
 
 

@@ -351,7 +351,8 @@ def throughput_markdown(report: dict) -> str:
         f"S={config['expert_slots']}, batch {config['batch_size']}×{config['block_size']} bytes. Contenders of one n "
         f"take turns, {config['rounds']} timed rounds of {config['window_steps'] - config['skip_steps']} steps "
         f"(+{config['warmup_rounds']} warm-up round), same batches per round. Ratios are medians over rounds of "
-        "per-round ratios (same run, same batches).",
+        "per-round ratios (same run, same batches). Cache hit rate: loads served from a device slot, an expert "
+        "prefetched while the previous one trained included.",
         "",
         "| n | model | store | cache | tokens/s | step ms (median) | step time / device store | "
         "speed / GlobalMoE | cache hit rate |",
