@@ -88,7 +88,7 @@ class PragnosiaLM(LanguageModel):
             (the expert's parameters held at their pre-step values, so still no gradient reaches an expert), at
             the cost of one more forward per expert and a copy of its parameters. Off: DESIGN §2's detached
             ``o_e``. With ``expert_optimizer=adam`` and a working set larger than k it closes most of the gap to
-            ``GlobalMoE`` (``bench_results/quality``).
+            ``GlobalMoE`` (``scripts/results/quality``).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Continual-learning benchmark (issue 7): domains in sequence, forgetting of PragnosiaLM variants vs baselines.
 
-    python scripts/bench_continual.py                       # full run, writes bench_results/continual/
+    python scripts/bench_continual.py                       # full run, writes scripts/results/continual/
     python scripts/bench_continual.py --quick --out /tmp/c  # seconds: tiny widths, 4 steps per stage
     python scripts/bench_continual.py --variants naive "frozen shared + protected, m=8" --baselines global_moe
     python scripts/bench_continual.py --variant-json '{"mine": {"consolidation": {"shared_lr_factor": 0.3}}}'
@@ -21,7 +21,7 @@ from pragnosia_pl.experiments.continual import BASELINES, ContinualConfig, run_c
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny widths, 4 steps per stage (what the test runs)")
-    parser.add_argument("--out", default="bench_results/continual", help="output folder")
+    parser.add_argument("--out", default="scripts/results/continual", help="output folder")
     parser.add_argument(
         "--variants", nargs="*", help="PragnosiaLM variants, by label (default: all; none: only --variant-json)"
     )

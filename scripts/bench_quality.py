@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Quality benchmark (issue 6): PragnosiaLM vs GlobalMoE vs DenseLM, final val bpb and learning curves.
 
-    python scripts/bench_quality.py                      # full run, writes bench_results/quality/
+    python scripts/bench_quality.py                      # full run, writes scripts/results/quality/
     python scripts/bench_quality.py --quick --out /tmp/q # seconds: tiny widths, 20 steps, n=8
     python scripts/bench_quality.py --num-experts 8 --steps 600 --pragnosia '{"local_lr": 0.1}'
 """
@@ -20,7 +20,7 @@ from pragnosia_pl.experiments.quality import MODEL_KINDS, QualityConfig, run_qua
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny widths, 20 steps, one n (what the test runs)")
-    parser.add_argument("--out", default="bench_results/quality", help="output folder")
+    parser.add_argument("--out", default="scripts/results/quality", help="output folder")
     parser.add_argument("--num-experts", type=int, nargs="+", help="n values (default 8 32)")
     parser.add_argument("--models", nargs="+", choices=MODEL_KINDS, help="which models run (default all)")
     parser.add_argument("--steps", type=int)

@@ -1,7 +1,7 @@
 """The quickstart run for PragnosiaLM, GlobalMoE and DenseLM: wall time, tokens/s, val bpb before and after.
 
     python scripts/bench_quickstart.py [--config configs/quickstart.yaml] [--models pragnosia global dense]
-        [--max-steps N] [--out bench_results/quickstart]
+        [--max-steps N] [--out scripts/results/quickstart]
 
 Each model trains on the config's data, trainer settings and seed; GlobalMoE and DenseLM keep the keys of
 ``model.init_args`` they accept (same widths and active parameters). Writes ``quickstart.json`` and ``.md``.
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/quickstart.yaml"))
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("bench_results/quickstart"))
+    parser.add_argument("--out", type=Path, default=Path("scripts/results/quickstart"))
     args = parser.parse_args()
     config = yaml.safe_load(args.config.read_text())
     if args.max_steps:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput benchmark (issue 6): training tokens/s per expert store and cache size, and GlobalMoE.
 
-    python scripts/bench_throughput.py                      # full run, writes bench_results/throughput/
+    python scripts/bench_throughput.py                      # full run, writes scripts/results/throughput/
     python scripts/bench_throughput.py --quick --out /tmp/t # seconds: tiny widths, n=8
     python scripts/bench_throughput.py --profile 64 disk 2  # torch.profiler table of one contender's steps
 """
@@ -24,7 +24,7 @@ from pragnosia_pl.experiments.throughput import (  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny widths, n=8, one timed round (what the test runs)")
-    parser.add_argument("--out", default="bench_results/throughput", help="output folder")
+    parser.add_argument("--out", default="scripts/results/throughput", help="output folder")
     parser.add_argument("--num-experts", type=int, nargs="+", help="n values (default 8 64 512)")
     parser.add_argument("--stores", nargs="+", choices=STORE_KINDS)
     parser.add_argument("--cache-factors", type=int, nargs="+", help="expert_cache as multiples of S (default 1 4)")

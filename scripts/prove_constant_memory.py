@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("bench_results/constant_memory"))
+    parser.add_argument("--out", type=Path, default=Path("scripts/results/constant_memory"))
     parser.add_argument("--store", choices=["disk", "host"], default=None, help="default: disk on CPU, host on CUDA")
     parser.add_argument("--baseline-max-experts", type=int, default=256, help="largest n for GlobalMoE (0: none)")
     parser.add_argument("--malloc-trim-threshold", type=int, default=4 * 2**20,
