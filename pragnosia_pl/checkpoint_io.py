@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 from pragnosia_pl.faults import crash_point
+from pragnosia_pl.store import fsync_dir
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -79,7 +80,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as error:
             partial.unlink(missing_ok=True)
             previous = "its previous version is intact" if target.exists() else "it had no earlier version"
@@ -137,14 +138,3 @@ def _other_checkpoints(path: Path) -> list[str]:
 
 def _is_local(path: str | Path) -> bool:
     return isinstance(get_filesystem(path), LocalFileSystem)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

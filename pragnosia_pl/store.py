@@ -263,7 +263,7 @@ class ExpertStore(ABC):
             with open(partial / "meta.json", "w") as file:
                 json.dump(meta, file, indent=2)
                 _fsync_file(file)
-            _fsync_dir(partial)
+            fsync_dir(partial)
             crash_point("snapshot-write")
             _replace_dir(partial, target)
         except OSError as error:
@@ -928,7 +928,8 @@ def _fsync_file(file) -> None:
     os.fsync(file.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms that cannot open directories
@@ -950,7 +951,7 @@ def _replace_dir(new: Path, target: Path) -> None:
         old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
         os.rename(target, old)
     os.rename(new, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
