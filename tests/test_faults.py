@@ -28,7 +28,7 @@ from conftest import cpu_trainer, token_loader
 
 from pragnosia_pl import PragnosiaLM
 from pragnosia_pl import checkpoint_io as checkpoint_io_module
-from pragnosia_pl import store as store_module
+from pragnosia_pl.store import base as store_module
 from pragnosia_pl.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointError, verify_checkpoint
 from pragnosia_pl.module import NonFiniteLossError
 from pragnosia_pl.store import CorruptRecordError

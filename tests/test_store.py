@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pragnosia_pl import store as store_module
+from pragnosia_pl.store import base as store_module
 from pragnosia_pl.expert_cache import ExpertCache
 from pragnosia_pl.store import (
     CorruptRecordError,

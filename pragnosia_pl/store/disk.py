@@ -1,0 +1,218 @@
+"""The disk store: fixed-size records in one preallocated file, read and written at their offsets."""
+
+from __future__ import annotations
+
+import os
+import weakref
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from pragnosia_pl.faults import crash_point
+from pragnosia_pl.store.base import CorruptRecordError, ExpertStore, Pending, RecordInit
+from pragnosia_pl.store.files import _byte_view, _fdatasync, _lock_exclusively, _pread_full, _pwrite_full
+
+
+class DiskStore(ExpertStore):
+    """Records in one preallocated file, ``record_bytes`` at offset ``expert_id · record_bytes``.
+
+    The file is created sparse with ``ftruncate`` (n = 10⁶ costs no time, memory or disk until experts
+    are written) and its previous contents are discarded: it is scratch space, persistence is
+    :meth:`snapshot`. Reads and writes are ``os.preadv``/``os.pwritev`` straight into and out of the
+    tensor's memory (CUDA tensors go through one reused pinned staging buffer). Every record carries a
+    CRC32, kept in memory for materialized experts only and verified on every read. All I/O runs on
+    one worker thread, in issue order; it releases the GIL, so ``read_async``/``write_async`` overlap
+    with compute.
+
+    Args:
+        path: the record file (created, or truncated if it exists; parent folders are created). It is
+            locked while the store is open.
+        num_experts: number of experts (n ≥ 1).
+        record_numel: float32 elements per record (R ≥ 1).
+        init_record: fills an expert's initial record (see :data:`RecordInit`).
+        fsync: ``fdatasync`` after every write (durable, slower); snapshots are always fsynced.
+
+    Raises:
+        ValueError: ``num_experts`` or ``record_numel`` below 1.
+        RuntimeError: another open DiskStore uses ``path``.
+        CorruptRecordError: (from reads) a record fails its checksum or the file was truncated.
+
+    Example::
+
+        store = DiskStore("run/experts.bin", num_experts=10**6, record_numel=4096, init_record=init)
+        pending = store.read_async(42, slot)  # the worker reads while the caller computes
+        ...
+        pending.wait()
+    """
+
+    kind = "disk"
+
+    def __init__(
+        self,
+        path: str | Path,
+        num_experts: int,
+        record_numel: int,
+        init_record: RecordInit,
+        fsync: bool = False,
+    ) -> None:
+        super().__init__(num_experts, record_numel, init_record)
+        self.path = Path(path)
+        self.fsync = fsync
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock_exclusively(self._fd, self.path)
+            os.ftruncate(self._fd, 0)  # drop whatever an earlier run left, then grow sparse
+            os.ftruncate(self._fd, num_experts * self.record_bytes)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._crc: dict[int, int] = {}  # materialized expert id -> CRC32 of its record; worker thread only
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pragnosia-disk-store")
+        self._release = weakref.finalize(self, _release_disk_store, self._worker, self._fd)
+        self._staging: torch.Tensor | None = None  # pinned; CUDA buffers pass through it
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def stats(self) -> dict[str, float]:
+        """:meth:`ExpertStore.stats` plus ``file_bytes_allocated`` (disk blocks the sparse file uses)."""
+        stats = super().stats()
+        if not self._closed:
+            stats["file_bytes_allocated"] = float(os.fstat(self._fd).st_blocks * 512)
+        return stats
+
+    def synchronize(self) -> None:
+        if not self._closed:
+            self._worker.submit(_noop).result()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        super().close()
+        self._release()
+
+    def __repr__(self) -> str:
+        return (
+            f"DiskStore(path='{self.path}', num_experts={self.num_experts}, record_numel={self.record_numel}, "
+            f"materialized={len(self._written)})"
+        )
+
+    def _read(self, expert_id: int, into: torch.Tensor) -> None:
+        self._read_async(expert_id, into).wait()
+
+    def _write(self, expert_id: int, src: torch.Tensor) -> None:
+        self._write_async(expert_id, src).wait()
+
+    def _read_async(self, expert_id: int, into: torch.Tensor) -> Pending:
+        return Pending(future=self._worker.submit(self._read_now, expert_id, into, _ready_event(into)))
+
+    def _write_async(self, expert_id: int, src: torch.Tensor) -> Pending:
+        return Pending(future=self._worker.submit(self._write_now, expert_id, src, _ready_event(src)))
+
+    def _clear(self) -> None:
+        self._worker.submit(self._clear_now).result()
+
+    # The methods below run on the worker thread only.
+
+    def _read_now(self, expert_id: int, into: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        if not into.is_cuda:
+            self._read_cpu(expert_id, into)
+            return
+        staging = self._staging_buffer()
+        self._read_cpu(expert_id, staging)
+        stream = self._stream(into.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            into.copy_(staging, non_blocking=True)
+        into.record_stream(stream)
+        stream.synchronize()
+
+    def _write_now(self, expert_id: int, src: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+        if not src.is_cuda:
+            self._write_cpu(expert_id, src)
+            return
+        staging = self._staging_buffer()
+        stream = self._stream(src.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            staging.copy_(src, non_blocking=True)
+        src.record_stream(stream)
+        stream.synchronize()
+        self._write_cpu(expert_id, staging)
+
+    def _read_cpu(self, expert_id: int, out: torch.Tensor) -> None:
+        expected = self._crc.get(expert_id)
+        if expected is None:
+            self._initial_record(expert_id, out)
+            return
+        view = _byte_view(out)
+        offset = expert_id * self.record_bytes
+        got = _pread_full(self._fd, view, offset)
+        if got != len(view):
+            raise CorruptRecordError(
+                f"expert {expert_id}: {self.path} is truncated: read {got} of {len(view)} bytes of its record "
+                f"at byte offset {offset}",
+                expert_id=expert_id,
+                path=self.path,
+            )
+        actual = zlib.crc32(view)
+        if actual != expected:
+            raise CorruptRecordError(
+                f"expert {expert_id}: checksum mismatch in {self.path} at byte offset {offset} "
+                f"(expected crc32 {expected:#010x}, got {actual:#010x})",
+                expert_id=expert_id,
+                path=self.path,
+            )
+
+    def _write_cpu(self, expert_id: int, src: torch.Tensor) -> None:
+        view = _byte_view(src)
+        crc = zlib.crc32(view)
+        offset = expert_id * self.record_bytes
+        try:
+            _pwrite_full(self._fd, view, offset)
+            if self.fsync:
+                _fdatasync(self._fd)
+        except OSError as error:  # the record on disk may be half written: its old checksum will say so on read
+            raise OSError(
+                error.errno,
+                f"expert {expert_id}: cannot write its record to {self.path} at byte offset {offset}: "
+                f"{error.strerror or error}; this file is the run's scratch copy, checkpoints and their store "
+                "snapshots are not affected",
+            ) from error
+        crash_point("store-write")
+        self._crc[expert_id] = crc
+
+    def _clear_now(self) -> None:
+        os.ftruncate(self._fd, 0)  # gives the blocks back; the file stays sparse at its full size
+        os.ftruncate(self._fd, self.num_experts * self.record_bytes)
+        self._crc.clear()
+
+    def _staging_buffer(self) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty(self.record_numel, pin_memory=True)
+        return self._staging
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+
+def _release_disk_store(worker: ThreadPoolExecutor, fd: int) -> None:
+    worker.shutdown(wait=True)
+    os.close(fd)
+
+
+def _ready_event(buffer: torch.Tensor) -> torch.cuda.Event | None:
+    """An event on the current stream: the worker's copy of ``buffer`` waits for work queued before it."""
+    if not buffer.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(buffer.device))
+    return event
+
+
+def _noop() -> None:
+    pass

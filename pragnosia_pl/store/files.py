@@ -1,0 +1,94 @@
+"""File helpers of the stores: full reads and writes at an offset, fsync, atomic directory replacement, locks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+import torch
+
+
+def _byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, without a copy."""
+    return memoryview(tensor.detach().numpy()).cast("B")
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> int:
+    """Reads ``len(view)`` bytes at ``offset`` (looping over short reads); returns the count read (short at EOF)."""
+    done = 0
+    while done < len(view):
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            chunk = os.pread(fd, len(view) - done, offset + done)
+            got = len(chunk)
+            view[done : done + got] = chunk
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        if hasattr(os, "pwritev"):
+            done += os.pwritev(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without pwritev
+            done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _fdatasync(fd: int) -> None:
+    (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+
+
+def _fsync_file(file) -> None:
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_replaceable(target: Path) -> bool:
+    return target.is_dir() and ((target / "meta.json").is_file() or not any(target.iterdir()))
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Renames ``new`` to ``target``; an existing ``target`` is moved aside first and removed afterwards."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
+        os.rename(target, old)
+    os.rename(new, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock_exclusively(fd: int, path: Path) -> None:
+    """One live DiskStore per file: two stores (or DDP ranks) sharing a file would corrupt each other."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(
+            f"{path} is in use by another DiskStore; give each store (and each DDP rank) its own model.store_dir"
+        ) from None
