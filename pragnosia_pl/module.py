@@ -26,7 +26,7 @@ from pragnosia_pl.experts import ExpertLayout, make_expert_optimizer
 from pragnosia_pl.lm_base import LanguageModel, check_positive
 from pragnosia_pl.model import FeedForward, init_weights
 from pragnosia_pl.router import Router
-from pragnosia_pl.store import CorruptRecordError, ExpertStore, make_store
+from pragnosia_pl.store import CorruptRecordError, ExpertStore, make_store, remove_stale_live_directories
 
 STORES = ("device", "host", "disk")
 
@@ -450,6 +450,8 @@ class PragnosiaLM(LanguageModel):
         so that a run, a resumed run and `pragnosia generate` on one store_dir never share it; removed when the
         module is garbage-collected or the interpreter exits. Under DDP each rank keeps its own replica."""
         rank = f"-rank{self.global_rank}" if world_size() > 1 else ""
+        for stale in remove_stale_live_directories(self._store_root()):
+            rank_zero_info(f"removed {stale}: scratch space of a run that did not exit (checkpoints keep snapshots)")
         live = self._store_root() / f"live-{self._run_id}{rank}"
         weakref.finalize(self, shutil.rmtree, live, ignore_errors=True)
         return live

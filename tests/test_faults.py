@@ -28,10 +28,10 @@ from conftest import cpu_trainer, token_loader
 
 from pragnosia_pl import PragnosiaLM
 from pragnosia_pl import checkpoint_io as checkpoint_io_module
-from pragnosia_pl.store import base as store_module
 from pragnosia_pl.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointError, verify_checkpoint
 from pragnosia_pl.module import NonFiniteLossError
 from pragnosia_pl.store import CorruptRecordError
+from pragnosia_pl.store import base as store_module
 
 TEXT_A = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(12))
 TEXT_B = "".join(f"{i} sphinx of black quartz, judge my vow\n" for i in range(15))

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pragnosia_pl.store import base as store_module
 from pragnosia_pl.expert_cache import ExpertCache
 from pragnosia_pl.store import (
     CorruptRecordError,
@@ -20,7 +19,9 @@ from pragnosia_pl.store import (
     ExpertStore,
     HostStore,
     make_store,
+    remove_stale_live_directories,
 )
+from pragnosia_pl.store import base as store_module
 
 KINDS = ["device", "host", "disk"]
 N, R = 16, 64  # experts, record elements
@@ -240,6 +241,29 @@ def test_disk_store_file_is_exclusive_and_released_on_close(tmp_path):
     store.close()
     with DiskStore(path, N, R, make_init()) as reopened:  # the old contents are discarded
         assert reopened.materialized_ids() == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are told apart by file locks")
+def test_stale_live_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    dead = DiskStore(tmp_path / "live-dead" / "experts.bin", N, R, make_init())
+    dead.write(1, record(1.0))
+    dead.close()  # its process was killed: nobody holds the lock any more, the file stays
+    busy = DiskStore(tmp_path / "live-busy" / "experts.bin", N, R, make_init())  # a running store
+    fresh = DiskStore(tmp_path / "live-fresh" / "experts.bin", N, R, make_init())
+    fresh.close()  # unlocked but just written: could be a store between its open and its lock
+    (tmp_path / "live-hoststore").mkdir()  # no record file: not ours to judge
+    old = time.time() - 3600
+    for name in ("live-dead", "live-busy"):
+        os.utime(tmp_path / name / "experts.bin", (old, old))
+
+    removed = remove_stale_live_directories(tmp_path, min_age_s=60)
+
+    assert removed == [tmp_path / "live-dead"]
+    assert not (tmp_path / "live-dead").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"live-busy", "live-fresh", "live-hoststore"}
+    busy.write(2, record(2.0))  # the running store is untouched
+    assert same_bits(read(busy, 2), record(2.0))
+    busy.close()
 
 
 def test_disk_store_detects_a_corrupted_byte(tmp_path):

@@ -27,7 +27,7 @@ import torch
 
 from pragnosia_pl.store.base import STORE_KINDS, CorruptRecordError, ExpertStore, Pending, RecordInit
 from pragnosia_pl.store.disk import DiskStore
-from pragnosia_pl.store.files import fsync_dir
+from pragnosia_pl.store.files import fsync_dir, remove_stale_live_directories
 from pragnosia_pl.store.memory import DeviceStore, HostStore
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "RecordInit",
     "fsync_dir",
     "make_store",
+    "remove_stale_live_directories",
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 
@@ -92,3 +93,34 @@ def _lock_exclusively(fd: int, path: Path) -> None:
         raise RuntimeError(
             f"{path} is in use by another DiskStore; give each store (and each DDP rank) its own model.store_dir"
         ) from None
+
+
+def remove_stale_live_directories(root: Path, min_age_s: float = 60.0) -> list[Path]:
+    """Removes the ``live-*`` scratch folders under ``root`` that a killed run left behind; returns them.
+
+    A folder is stale when its record file is older than ``min_age_s`` and no open store holds its lock
+    (a running store, a DDP rank's replica or a ``pragnosia generate`` keeps its file locked while it lives).
+    Folders without a record file are left alone. Without ``fcntl`` (Windows) nothing is removed.
+    """
+    removed: list[Path] = []
+    if fcntl is None or not root.is_dir():  # pragma: no cover - Windows
+        return removed
+    for folder in sorted(root.glob("live-*")):
+        records = folder / "experts.bin"
+        try:
+            if not records.is_file() or time.time() - records.stat().st_mtime < min_age_s:
+                continue
+            fd = os.open(records, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while removing: no store can open it meanwhile
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
