@@ -28,6 +28,9 @@ BEST_VARIANT = {
     "backprop_through_experts": True,
     "router": "flat",
 }
+# The same recipe at constant memory: a working set of 8 experts whatever n is, and no balance term (over a bounded
+# working set the Switch term pushes router mass out of the set, so the set rotates from batch to batch).
+BOUNDED_VARIANT = {**BEST_VARIANT, "expert_slots": 8, "balance_coef": 0.0}
 
 
 @dataclass
@@ -49,7 +52,8 @@ class QualityConfig:
         pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches) of every PragnosiaLM run.
         variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
             ``pragnosia`` (the value ``"n"`` stands for the run's ``num_experts``); the plain run always runs.
-            Default: ``tuned``, the best configuration the issue-6 investigation found (``BEST_VARIANT``).
+            Default: ``tuned``, the best configuration the issue-6 investigation found (``BEST_VARIANT``), and
+            ``bounded``, the same at a constant working set of 8 (``BOUNDED_VARIANT``).
 
     Raises:
         ValueError: on an unknown model kind or a non-positive size.
@@ -72,7 +76,9 @@ class QualityConfig:
     local_lr: float = 0.2
     store: str = "host"
     pragnosia: dict[str, Any] = field(default_factory=dict)
-    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"tuned": BEST_VARIANT})
+    variants: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"tuned": BEST_VARIANT, "bounded": BOUNDED_VARIANT}
+    )
     seed: int = 0
     time_budget_min: float | None = 45.0
     probe_steps: int = 12
