@@ -40,3 +40,12 @@ def cpu_trainer(tmp_path, **kwargs):
     )
     options.update(kwargs)
     return Trainer(**options)
+
+
+def expert_records(model) -> torch.Tensor:
+    """Every expert's record ``(n, R)`` as the model's store holds it, after the cache has written back."""
+    model.experts().flush()
+    out = torch.empty(model.store.num_experts, model.store.record_numel)
+    for expert_id in range(model.store.num_experts):
+        model.store.read(expert_id, out[expert_id])
+    return out

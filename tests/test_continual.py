@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_trainer, token_loader
+from conftest import cpu_trainer, expert_records, token_loader
 
 from callbacks import DomainSwitcher
 from pragnosia_pl import PragnosiaLM
@@ -44,14 +44,6 @@ def protected_model(tiny, **consolidation) -> PragnosiaLM:
     )
 
 
-def records(model: PragnosiaLM) -> torch.Tensor:
-    model.experts().flush()
-    out = torch.empty(model.hparams.num_experts, model.layout.record_numel)
-    for e in range(model.hparams.num_experts):
-        model.store.read(e, out[e])
-    return out
-
-
 # ------------------------------------------------------------------------------------------------- the policy
 
 
@@ -63,13 +55,13 @@ def test_a_switch_freezes_the_shared_parts_and_protects_the_domain_experts(tiny,
     assert len(first) == 3 and set(model.usage) <= set(first)  # stage 1 trained its own 3 experts only
     model.on_domain_switch("a", "b")
     shared = {name: p.detach().clone() for name, p in model.named_parameters()}
-    before = records(model)
+    before = expert_records(model)
 
     model.usage.clear()
     cpu_trainer(tmp_path, max_steps=3).fit(model, token_loader(3, seed=1))
     second = model.consolidation.groups[1].experts.tolist()
     assert not set(first) & set(second) and set(model.usage) <= set(second)
-    after = records(model)
+    after = expert_records(model)
     assert torch.equal(before[first], after[first])  # protected: bit-for-bit, optimizer state included
     assert not torch.equal(before[second], after[second])  # the new domain's experts learnt
     assert all(torch.equal(shared[name], p) for name, p in model.named_parameters())  # shared parts frozen

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_trainer, token_loader
+from conftest import cpu_trainer, expert_records, token_loader
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler
@@ -78,18 +78,10 @@ def train(config: dict) -> dict:
     else:  # Lightning replaces the sampler: rank r takes every other sample of the same permutation
         loader = DataLoader(dataset, batch_size=PER_RANK_BATCH)
     trainer.fit(model, train_dataloaders=loader, ckpt_path=config.get("ckpt_path"))
-    result = dict(losses=history.losses, records=records(model), live=str(model.store.path.parent),
+    result = dict(losses=history.losses, records=expert_records(model), live=str(model.store.path.parent),
                   state={name: t.detach().clone() for name, t in model.state_dict().items()})
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
     return result
-
-
-def records(model: PragnosiaLM) -> torch.Tensor:
-    model.experts().flush()
-    out = torch.empty(model.store.num_experts, model.store.record_numel)
-    for expert_id in range(model.store.num_experts):
-        model.store.read(expert_id, out[expert_id])
-    return out
 
 
 def run(tmp_path: Path, name: str, devices: int, ckpt_path: Path | None = None, **model) -> list[dict]:

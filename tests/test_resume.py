@@ -2,17 +2,9 @@
 
 import pytest
 import torch
-from conftest import cpu_trainer, token_loader
+from conftest import cpu_trainer, expert_records, token_loader
 
 from pragnosia_pl import PragnosiaLM
-
-
-def records(model: PragnosiaLM) -> torch.Tensor:
-    model.experts().flush()
-    out = torch.empty(model.store.num_experts, model.store.record_numel)
-    for expert_id in range(model.store.num_experts):
-        model.store.read(expert_id, out[expert_id])
-    return out
 
 
 def make(tiny, tmp_path, name, store):
@@ -34,7 +26,7 @@ def test_resume_is_bit_identical(tiny, tmp_path, store):
     trainer.fit(first, train_dataloaders=token_loader(3))
     checkpoint = tmp_path / "half.ckpt"
     trainer.save_checkpoint(checkpoint)
-    after_first = records(first)
+    after_first = expert_records(first)
     first.store.write(0, torch.full((first.store.record_numel,), 7.0))  # the live store moves on; the snapshot must not
 
     torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
@@ -43,10 +35,10 @@ def test_resume_is_bit_identical(tiny, tmp_path, store):
     trainer.fit(resumed, train_dataloaders=token_loader(3), ckpt_path=checkpoint)
 
     assert trainer.global_step == 6
-    assert not torch.equal(after_first, records(resumed)), "the second half trained nothing"
+    assert not torch.equal(after_first, expert_records(resumed)), "the second half trained nothing"
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    assert torch.equal(records(straight), records(resumed))
+    assert torch.equal(expert_records(straight), expert_records(resumed))
 
 
 def test_missing_snapshot_is_reported(tiny, tmp_path):

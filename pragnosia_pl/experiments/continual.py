@@ -21,11 +21,11 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pragnosia_pl.experiments.quality import machine_description
+from pragnosia_pl.experiments.quality import report_header
 
 BASELINES = ("global_moe", "dense", "joint")
 LICENSES_DIR = "/usr/share/common-licenses"
@@ -384,11 +384,7 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, log=print) -> di
             results.append(result)
         summary = data.summary()
     report = {
-        "benchmark": "continual",
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "wall_minutes": (time.time() - started) / 60,
-        "config": asdict(config),
+        **report_header("continual", started, config),
         "tokens_per_model": config.steps_per_stage * len(config.schedule) * config.batch_size * config.block_size,
         "data": summary,
         "runs": results,

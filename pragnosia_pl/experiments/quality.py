@@ -322,11 +322,7 @@ def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
             results.append(result)
         summary = data.summary()
     report = {
-        "benchmark": "quality",
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "wall_minutes": (time.time() - started) / 60,
-        "config": asdict(config),
+        **report_header("quality", started, config),
         "steps": steps,
         "tokens_per_model": steps * config.batch_size * config.block_size,
         "time_budget": budget,
@@ -439,6 +435,17 @@ def plot_curves(results: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"curve_{r['slug']}.png", dpi=110)
         plt.close(fig)
+
+
+def report_header(benchmark: str, started: float, config: Any) -> dict[str, Any]:
+    """What every benchmark report starts with: its name, the machine, the start date, wall minutes, the config."""
+    return {
+        "benchmark": benchmark,
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        "wall_minutes": (time.time() - started) / 60,
+        "config": asdict(config),
+    }
 
 
 def machine_description() -> str:

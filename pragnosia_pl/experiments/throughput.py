@@ -14,7 +14,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -297,7 +297,7 @@ def run_throughput(config: ThroughputConfig, out_dir: str | Path, log=print) -> 
     """Run the benchmark and write ``throughput.json`` and ``throughput.md`` to ``out_dir``."""
     import torch
 
-    from pragnosia_pl.experiments.quality import machine_description
+    from pragnosia_pl.experiments.quality import report_header
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,11 +310,7 @@ def run_throughput(config: ThroughputConfig, out_dir: str | Path, log=print) -> 
         for n in config.num_experts:
             results += run_group(config, n, batches, root, log)
     report = {
-        "benchmark": "throughput",
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "wall_minutes": (time.time() - started) / 60,
-        "config": asdict(config),
+        **report_header("throughput", started, config),
         "tokens_per_step": config.tokens_per_step,
         "results": results,
         "goals": throughput_goals(results),
