@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--local-lr", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--time-budget-min", type=float, help="cut steps to fit this many minutes (0: no cut)")
+    parser.add_argument("--accelerator", help="Lightning accelerator of every run (default cpu; gpu to use a GPU)")
     parser.add_argument("--pragnosia", type=json.loads, help="extra PragnosiaLM kwargs as JSON")
     parser.add_argument("--variants", type=json.loads,
                         help='more PragnosiaLM runs, JSON {name: kwargs}: {"adam": {"expert_optimizer": "adam"}}')
@@ -38,7 +39,7 @@ def main() -> None:
         for key, value in dict(
             num_experts=args.num_experts, models=args.models, steps=args.steps, eval_every=args.eval_every,
             max_bytes_per_domain=args.max_bytes_per_domain, local_lr=args.local_lr, seed=args.seed,
-            pragnosia=args.pragnosia, variants=args.variants,
+            pragnosia=args.pragnosia, variants=args.variants, accelerator=args.accelerator,
         ).items()
         if value is not None
     }

@@ -49,6 +49,8 @@ class QualityConfig:
             (the JSON records the cut); ``None`` runs ``steps`` as asked.
         threads: torch CPU threads (``None``: torch's default). One by default: on a machine shared with other
             jobs, OpenMP threads that wait for a descheduled sibling make steps up to 100× slower.
+        accelerator: Lightning accelerator of every run (``cpu`` by default, so figures from different machines
+            compare; ``gpu`` or ``auto`` trains on a GPU).
         pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches) of every PragnosiaLM run.
         variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
             ``pragnosia`` (the value ``"n"`` stands for the run's ``num_experts``); the plain run always runs.
@@ -84,6 +86,7 @@ class QualityConfig:
     probe_steps: int = 12
     threads: int | None = 1
     cache_dir: str | None = None
+    accelerator: str = "cpu"
 
     def __post_init__(self) -> None:
         self.num_experts = tuple(self.num_experts)
@@ -214,12 +217,12 @@ def _curve_recorder():
     return CurveRecorder()
 
 
-def _trainer(root: str, steps: int, eval_every: int | None, callbacks: list):
+def _trainer(root: str, steps: int, eval_every: int | None, callbacks: list, accelerator: str = "cpu"):
     from lightning.pytorch import Trainer
 
     validate = eval_every is not None
     return Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, default_root_dir=root, logger=False,
+        accelerator=accelerator, devices=1, max_steps=steps, default_root_dir=root, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=1.0 if validate else 0, val_check_interval=eval_every if validate else None,
         check_val_every_n_epoch=None if validate else 1, callbacks=callbacks,
@@ -233,7 +236,8 @@ def train_one(config: QualityConfig, plan: RunPlan, data, steps: int, root: str,
     seed_everything(config.seed, verbose=False)
     model = build_model(config, plan, str(Path(root) / "store"))
     recorder = _curve_recorder()
-    trainer = _trainer(root, steps, min(config.eval_every, steps) if validate else None, [recorder])
+    eval_every = min(config.eval_every, steps) if validate else None
+    trainer = _trainer(root, steps, eval_every, [recorder], config.accelerator)
     trainer.fit(model, datamodule=data)
     result: dict[str, Any] = {
         "label": plan.label, "slug": plan.slug, "kind": plan.kind, "num_experts": plan.num_experts,
