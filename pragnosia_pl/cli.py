@@ -9,6 +9,7 @@ import sys
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -21,7 +22,9 @@ from pragnosia_pl.module import NonFiniteLossError
 from pragnosia_pl.store import CorruptRecordError
 
 # What a user can fix: printed as one message, without a traceback (PRAGNOSIA_DEBUG=1 shows it).
-USER_ERRORS = (ValueError, OSError, CorruptRecordError, CorruptCheckpointError, NonFiniteLossError)
+USER_ERRORS = (
+    ValueError, OSError, CorruptRecordError, CorruptCheckpointError, NonFiniteLossError, MisconfigurationException
+)
 
 
 class PragnosiaCLI(LightningCLI):
@@ -71,6 +74,7 @@ def generate(args: list[str]) -> None:
     module_name, _, class_name = checkpoint.get("model_class", "pragnosia_pl.module.PragnosiaLM").rpartition(".")
     model_class = getattr(importlib.import_module(module_name), class_name)
     model = model_class.load_from_checkpoint(options.ckpt_path, map_location=options.device).eval()
+    model.checkpoint_file = options.ckpt_path  # a run folder moved since: its store snapshot is found near here
     torch.manual_seed(options.seed)
     sample = model.generate(options.prompt.encode(), options.max_new_tokens, options.temperature, options.top_k)
     sys.stdout.write(options.prompt + sample.decode("utf-8", errors="replace") + "\n")

@@ -42,3 +42,11 @@ def test_print_config_works(tmp_path):
     done = pragnosia("fit", "--config", str(config), "--print_config", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pragnosia_pl.PragnosiaLM" in done.stdout and "num_experts: 32" in done.stdout
+
+
+def test_lightning_configuration_error_is_one_line(tmp_path):
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    done = pragnosia("fit", "--config", str(config), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "pragnosia: error: Trainer was configured with `enable_progress_bar=False`" in done.stderr
+    assert "Traceback" not in done.stderr
