@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,7 +51,9 @@ class PragnosiaLM(LanguageModel):
     device slot, trained on its own local loss (on the detached trunk output, through the detached head)
     with its own optimizer state, and written back to the store when it leaves the cache. The shared parts
     (embedding, trunk, router, head) take one AdamW step on the model's real LM loss. Device memory is
-    therefore O(``expert_cache``), not O(``num_experts``).
+    therefore O(``expert_cache``), not O(``num_experts``). A working set larger than the cache streams through
+    it, one expert after another, so ``expert_slots = n`` (plain per-token top-k routing) also trains in the
+    memory of ``expert_cache`` experts.
 
     Args:
         vocab_size: token ids (256: bytes).
@@ -59,8 +62,9 @@ class PragnosiaLM(LanguageModel):
         n_heads: attention heads.
         num_experts: n, experts in the store.
         num_active_experts: k, experts per token.
-        expert_slots: S, distinct experts per training step (k ≤ S ≤ n); default k.
-        expert_cache: device slots (≥ S); default S.
+        expert_slots: S, distinct experts per training step (k ≤ S ≤ n); default k. ``S = n``: each token uses its
+            own top-k of all experts (the working set is every expert some token chose).
+        expert_cache: C, device slots (1 ≤ C); default S. With C < S the working set streams through the slots.
         eval_expert_slots: working set for evaluation and generation (k ≤ · ≤ n); default S, as in training.
         expert_hidden: hidden width of the default FFN expert; default 4·d.
         store: where experts live off the device: ``device`` (all resident, for comparison), ``host`` or ``disk``.
@@ -86,8 +90,11 @@ class PragnosiaLM(LanguageModel):
             steps training stops with :class:`NonFiniteLossError`. ``None``: never stop.
         backprop_through_experts: the shared loss also reaches the trunk through each working-set expert's input
             (the expert's parameters held at their pre-step values, so still no gradient reaches an expert), at
-            the cost of one more forward per expert and a copy of its parameters. Off: DESIGN §2's detached
-            ``o_e``. With ``expert_optimizer=adam`` and a working set larger than k it closes most of the gap to
+            the cost of one more forward per expert and a copy of its parameters. With a working set larger than the
+            cache (C < S) the copies would make memory grow with S, so instead each expert is loaded again during
+            the backward pass and its input gradient is taken with its post-step parameters (one local step later:
+            an approximation; memory stays O(C)). Off: DESIGN §2's detached ``o_e``. With
+            ``expert_optimizer=adam`` and a working set larger than k it closes most of the gap to
             ``GlobalMoE`` (``scripts/results/quality``).
 
     Raises:
@@ -151,10 +158,6 @@ class PragnosiaLM(LanguageModel):
             )
         if self.expert_slots > num_experts:
             raise ValueError(f"model.expert_slots ({self.expert_slots}) must be ≤ model.num_experts ({num_experts})")
-        if self.expert_cache_size < self.expert_slots:
-            raise ValueError(
-                f"model.expert_cache ({self.expert_cache_size}) must be ≥ model.expert_slots ({self.expert_slots})"
-            )
         if not num_active_experts <= self.eval_expert_slots <= num_experts:
             raise ValueError(
                 f"model.eval_expert_slots ({self.eval_expert_slots}) must be between model.num_active_experts "
@@ -184,6 +187,7 @@ class PragnosiaLM(LanguageModel):
         self.skipped_expert_updates = 0  # non-finite local losses or gradients, since the run began
         self.skipped_shared_updates = 0
         self._nonfinite_streak = 0  # consecutive steps with a skipped update
+        self.checkpoint_file: str | None = None  # set by `pragnosia generate`: where to look for a moved snapshot
 
     def build_expert(self) -> nn.Module:
         """A freshly initialised expert ``(N, d) -> (N, d)``; override for another expert architecture."""
@@ -212,12 +216,17 @@ class PragnosiaLM(LanguageModel):
         h_in = h.detach()  # experts never see the trunk's graph
         mixture = torch.zeros_like(h_in)  # (N, d) Σ_e g_e · o_e
         local_losses, skipped_experts = [], []
+        through_experts = self.hparams.backprop_through_experts
+        streamed = through_experts and len(working_set) > cache.capacity  # no room for every expert's copy
+        routed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token_idx, gate) per position, for the backward
         for position, expert_id in enumerate(working_set):
             token_idx, gate = routing.tokens_of(position)  # (N_e,), (N_e,)
             record = cache.load(expert_id)
             if position + 1 < len(working_set):
                 cache.prefetch(working_set[position + 1])
-            pre_step = self.layout.split(record)[0].clone() if self.hparams.backprop_through_experts else None
+            if streamed:
+                routed.append((token_idx, gate.detach()))
+            pre_step = self.layout.split(record)[0].clone() if through_experts and not streamed else None
             expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx])
             if updated:
                 cache.mark_dirty(expert_id)
@@ -228,7 +237,11 @@ class PragnosiaLM(LanguageModel):
             mixture = mixture.index_add(0, token_idx, gate[:, None] * expert_out)  # gates carry the router's grad
             local_losses.append(local_loss)
 
-        lm_loss = F.cross_entropy(self.backbone.logits(h + mixture), targets)
+        z = h + mixture  # (N, d)
+        if streamed:  # adds nothing forward; backward: the trunk's gradient through every expert, one at a time
+            input_grad = partial(self._input_grad_through_experts, h_in, working_set, routed)
+            z = z + _ThroughExperts.apply(h, input_grad)
+        lm_loss = F.cross_entropy(self.backbone.logits(z), targets)
         loss = lm_loss + self.hparams.balance_coef * routing.balance_loss
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:  # not when consolidation froze every shared parameter
@@ -249,6 +262,27 @@ class PragnosiaLM(LanguageModel):
         self.log("train/local_loss", torch.stack(local_losses).mean())
         self.log("train/balance_loss", routing.balance_loss.detach())
         return loss.detach()
+
+    def _input_grad_through_experts(
+        self, h: torch.Tensor, working_set: list[int], routed: list[tuple[torch.Tensor, torch.Tensor]],
+        grad: torch.Tensor,
+    ) -> torch.Tensor:
+        """``Σ_e J_e(h)ᵀ (g_e · grad)`` (N, d): the gradient ``grad`` (N, d) of the LM loss w.r.t. the residual
+        stream, carried back to the trunk output ``h`` through each expert's current (post-step) parameters,
+        loaded into the cache again one after another. No gradient reaches an expert."""
+        cache = self.experts()
+        grad_h = torch.zeros_like(h)
+        for position, (expert_id, (token_idx, gate)) in enumerate(zip(working_set, routed)):
+            params = self.layout.split(cache.load(expert_id))[0].detach()
+            if position + 1 < len(working_set):
+                cache.prefetch(working_set[position + 1])
+            with torch.enable_grad():
+                h_e = h[token_idx].requires_grad_(True)  # (N_e, d)
+                (grad_e,) = torch.autograd.grad(
+                    self.layout.forward(params, h_e), h_e, grad_outputs=gate[:, None] * grad[token_idx]
+                )
+            grad_h.index_add_(0, token_idx, grad_e)
+        return grad_h
 
     def local_step(self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor) -> LocalStep:
         """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss.
@@ -465,12 +499,29 @@ class PragnosiaLM(LanguageModel):
             self._tmp_store_dir = tempfile.TemporaryDirectory(prefix="pragnosia-store-")
         return Path(self._tmp_store_dir.name)
 
+    def _find_snapshot(self, snapshot: str) -> Path:
+        """The checkpoint's store snapshot: where it was written, else a folder of the same name in this model's
+        store directory or near the checkpoint file (a run folder that was moved or copied elsewhere)."""
+        recorded = Path(snapshot)
+        candidates = [recorded, self._store_root() / "snapshots" / recorded.name]
+        checkpoint_file = self.checkpoint_file or (self._trainer.ckpt_path if self._trainer is not None else None)
+        if checkpoint_file is not None and Path(checkpoint_file).exists():
+            for folder in list(Path(checkpoint_file).resolve().parents)[:3]:
+                nested = sorted(folder.glob(f"*/snapshots/{recorded.name}"))
+                candidates += [folder / "snapshots" / recorded.name, *nested]
+        for candidate in candidates:
+            if candidate.is_dir():
+                if candidate != recorded:
+                    rank_zero_info(f"expert store: snapshot {recorded} not found; using {candidate}")
+                return candidate
+        raise FileNotFoundError(
+            f"the checkpoint's expert-store snapshot {snapshot} is missing (also looked for {recorded.name} in "
+            "model.store_dir and next to the checkpoint file): the checkpoint holds only the shared parameters; "
+            "keep its store_dir (or raise model.keep_snapshots)"
+        )
+
     def _restore(self, snapshot: str) -> None:
-        if not Path(snapshot).is_dir():
-            raise FileNotFoundError(
-                f"the checkpoint's expert-store snapshot {snapshot} is missing: the checkpoint holds only the shared "
-                "parameters; keep its store_dir (or raise model.keep_snapshots)"
-            )
+        snapshot = str(self._find_snapshot(snapshot))
         self._cache.invalidate()
         try:
             self._store.restore(snapshot)
@@ -574,6 +625,19 @@ def _remove_tree(path: Path) -> None:
     for child in path.iterdir():
         child.unlink()
     path.rmdir()
+
+
+class _ThroughExperts(torch.autograd.Function):
+    """Zeros like ``h`` in the forward pass; in the backward pass, ``input_grad(grad)`` as the gradient of ``h``."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, input_grad) -> torch.Tensor:
+        ctx.input_grad = input_grad
+        return torch.zeros_like(h)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return ctx.input_grad(grad), None
 
 
 def _alias(tensor: torch.Tensor) -> torch.Tensor:

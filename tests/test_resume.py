@@ -78,3 +78,25 @@ def test_snapshot_follows_the_store_within_a_step(tiny, tmp_path):
     record = torch.empty(model.store.record_numel)
     restored.store.read(5, record)
     assert torch.equal(record, torch.full_like(record, 3.0))
+
+
+def test_a_moved_run_folder_still_resumes_and_loads(tiny, tmp_path):
+    run = tmp_path / "run"
+    model = make(tiny, run, "expert_store", "host")
+    trainer = cpu_trainer(run, max_steps=2)
+    trainer.fit(model, train_dataloaders=token_loader(2))
+    trainer.save_checkpoint(run / "checkpoints" / "two.ckpt")
+    records = expert_records(model)
+    model.store.close()
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    checkpoint = moved / "checkpoints" / "two.ckpt"
+
+    loaded = PragnosiaLM.load_from_checkpoint(checkpoint, store_dir=str(tmp_path / "elsewhere"))
+    loaded.checkpoint_file = str(checkpoint)  # what `pragnosia generate` sets
+    assert torch.equal(expert_records(loaded), records)
+
+    resumed = make(tiny, tmp_path, "fresh", "host")
+    trainer = cpu_trainer(tmp_path / "resume", max_steps=4)
+    trainer.fit(resumed, train_dataloaders=token_loader(4), ckpt_path=checkpoint)
+    assert trainer.global_step == 4
