@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,9 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         n_heads: attention heads.
         num_experts: n, experts in the store.
         num_active_experts: k, experts per token.
-        expert_slots: S, distinct experts per training step (k ≤ S ≤ n); default k. ``S = n``: each token uses its
-            own top-k of all experts (the working set is every expert some token chose).
+        expert_slots: S, distinct experts per training step (k ≤ S ≤ n); default k. ``S = n`` (or ``"all"``, which
+            follows ``num_experts``): each token uses its own top-k of all experts (the working set is every expert
+            some token chose).
         expert_cache: C, device slots (1 ≤ C); default S. With C < S the working set streams through the slots.
         eval_expert_slots: working set for evaluation and generation (k ≤ · ≤ n); default S, as in training.
         expert_hidden: hidden width of the default FFN expert; default 4·d.
@@ -109,7 +110,7 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         n_heads: int = 4,
         num_experts: int = 32,
         num_active_experts: int = 2,
-        expert_slots: int | None = None,
+        expert_slots: int | Literal["all"] | None = None,
         expert_cache: int | None = None,
         eval_expert_slots: int | None = None,
         expert_hidden: int | None = None,
@@ -133,6 +134,8 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
     ) -> None:
         super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
         self.save_hyperparameters()
+        if expert_slots == "all":
+            expert_slots = num_experts
         self.expert_slots = num_active_experts if expert_slots is None else expert_slots
         self.expert_cache_size = self.expert_slots if expert_cache is None else expert_cache
         self.eval_expert_slots = self.expert_slots if eval_expert_slots is None else eval_expert_slots

@@ -14,7 +14,20 @@ import os
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from pragnosia_pl.experiments.quality import MODEL_KINDS, QualityConfig, run_quality  # noqa: E402
+from pragnosia_pl.experiments.quality import (  # noqa: E402
+    MODEL_KINDS,
+    PRESET_VARIANTS,
+    QualityConfig,
+    parse_variants,
+    run_quality,
+)
+
+
+def variants_or_exit(items: list[str], parser: argparse.ArgumentParser) -> dict:
+    try:
+        return parse_variants(items)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def main() -> None:
@@ -31,15 +44,18 @@ def main() -> None:
     parser.add_argument("--time-budget-min", type=float, help="cut steps to fit this many minutes (0: no cut)")
     parser.add_argument("--accelerator", help="Lightning accelerator of every run (default cpu; gpu to use a GPU)")
     parser.add_argument("--pragnosia", type=json.loads, help="extra PragnosiaLM kwargs as JSON")
-    parser.add_argument("--variants", type=json.loads,
-                        help='more PragnosiaLM runs, JSON {name: kwargs}: {"adam": {"expert_optimizer": "adam"}}')
+    parser.add_argument("--variants", nargs="+", metavar="NAME_OR_JSON",
+                        help=f"more PragnosiaLM runs: preset names ({', '.join(PRESET_VARIANTS)}) and/or JSON "
+                             '{name: kwargs} objects, e.g. tuned \'{"adam": {"expert_optimizer": "adam"}}\'; '
+                             "default: streamed bounded")
     args = parser.parse_args()
     overrides = {
         key: value
         for key, value in dict(
             num_experts=args.num_experts, models=args.models, steps=args.steps, eval_every=args.eval_every,
             max_bytes_per_domain=args.max_bytes_per_domain, local_lr=args.local_lr, seed=args.seed,
-            pragnosia=args.pragnosia, variants=args.variants, accelerator=args.accelerator,
+            pragnosia=args.pragnosia, variants=args.variants and variants_or_exit(args.variants, parser),
+            accelerator=args.accelerator,
         ).items()
         if value is not None
     }

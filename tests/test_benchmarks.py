@@ -11,7 +11,14 @@ import torch
 from conftest import cpu_trainer, token_loader
 
 from pragnosia_pl import PragnosiaLM
-from pragnosia_pl.experiments.quality import QualityConfig, fit_budget, plan_runs
+from pragnosia_pl.experiments.quality import (
+    PRESET_VARIANTS,
+    STREAMED_VARIANT,
+    QualityConfig,
+    fit_budget,
+    parse_variants,
+    plan_runs,
+)
 from pragnosia_pl.experiments.throughput import ThroughputConfig, plan_contenders
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -25,12 +32,13 @@ def run_script(name: str, *args: str, monkeypatch) -> None:
 def test_bench_quality_quick(tmp_path, monkeypatch):
     out = tmp_path / "quality"
     variants = json.dumps({"bte": {"backprop_through_experts": True}})
-    run_script("bench_quality.py", "--quick", "--out", str(out), "--variants", variants, monkeypatch=monkeypatch)
+    run_script("bench_quality.py", "--quick", "--out", str(out), "--variants", variants, "streamed",
+               monkeypatch=monkeypatch)
     for name in ("quality.json", "quality.md", "curves.png", "curve_pragnosia_n8.png", "curve_pragnosia_n8_bte.png",
-                 "curve_global_moe_n8.png", "curve_dense.png"):
+                 "curve_pragnosia_n8_streamed.png", "curve_global_moe_n8.png", "curve_dense.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "quality.json").read_text())
-    labels = ["PragnosiaLM n=8", "PragnosiaLM n=8 [bte]", "GlobalMoE n=8", "DenseLM"]
+    labels = ["PragnosiaLM n=8", "PragnosiaLM n=8 [bte]", "PragnosiaLM n=8 [streamed]", "GlobalMoE n=8", "DenseLM"]
     assert [r["label"] for r in report["runs"]] == labels
     actives = [r["params"]["active"] for r in report["runs"]]
     assert max(actives) / min(actives) < 1.01, "the models must have the same active parameters"
@@ -40,7 +48,7 @@ def test_bench_quality_quick(tmp_path, monkeypatch):
         for key in ("val/bpb", "val/bpb/code", "val/bpb/prose"):
             assert math.isfinite(run["final"][key]) and 0 < run["final"][key] < 8.5, (run["label"], key)
         assert run["curve"][-1]["val/bpb"] < 8.0  # 20 steps learn something beyond a uniform byte (8 bits)
-    assert set(report["goals"]) == {"n=8", "n=8 [bte]"}
+    assert set(report["goals"]) == {"n=8", "n=8 [bte]", "n=8 [streamed]"}
     assert "| PragnosiaLM n=8 |" in (out / "quality.md").read_text()
 
 
@@ -70,6 +78,16 @@ def test_plans():
         ("device", 2), ("host", 2), ("disk", 2), ("device", 8), ("host", 8), ("disk", 8), (None, None)
     ]
     assert {c.expert_cache for c in plan_contenders(ThroughputConfig(cache_factors=(1, 4)), 4)} == {2, 4, None}
+
+
+def test_variants_are_presets_or_json():
+    assert parse_variants(["streamed", '{"adam": {"expert_optimizer": "adam"}}']) == {
+        "streamed": STREAMED_VARIANT, "adam": {"expert_optimizer": "adam"}
+    }
+    assert STREAMED_VARIANT["expert_cache"] < 32 and set(PRESET_VARIANTS) == {"tuned", "streamed", "bounded"}
+    for bad in ("fast", "[1, 2]", '{"x": 1}'):
+        with pytest.raises(ValueError, match=r"neither a preset \(tuned, streamed, bounded\) nor a JSON object"):
+            parse_variants([bad])
 
 
 def test_fit_budget_cuts_steps_to_a_multiple_of_eval_every():

@@ -54,3 +54,8 @@ def test_streamed_backprop_through_experts_trains_and_keeps_experts_local(tiny, 
     for expert_id in range(8):
         params, state, step = model.layout.split(after[expert_id])
         assert step.item() == model.usage[expert_id], f"expert {expert_id}: one local step per step it was used"
+
+
+def test_expert_slots_all_follows_num_experts(tiny):
+    model = PragnosiaLM(**tiny, num_experts=12, num_active_experts=2, expert_slots="all", expert_cache=3)
+    assert model.expert_slots == 12 and model.eval_expert_slots == 12 and model.expert_cache_size == 3

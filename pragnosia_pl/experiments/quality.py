@@ -19,8 +19,8 @@ from typing import Any
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
 # The closest local learning came to GlobalMoE in the issue-6 investigation
 # (scripts/results/quality/investigation.json): every expert in the working set (each token its own top-k of all
-# n), Adam experts, the shared loss reaching the trunk through the experts, GlobalMoE's flat router. Its working
-# set is all n experts, so it is a quality ceiling, not a constant-memory configuration.
+# n), Adam experts, the shared loss reaching the trunk through the experts, GlobalMoE's flat router. With a cache
+# of S = n slots every expert is resident, so device memory grows with n: a quality ceiling.
 BEST_VARIANT = {
     "expert_slots": "n",
     "expert_optimizer": "adam",
@@ -31,6 +31,36 @@ BEST_VARIANT = {
 # The same recipe at constant memory: a working set of 8 experts whatever n is, and no balance term (over a bounded
 # working set the Switch term pushes router mass out of the set, so the set rotates from batch to batch).
 BOUNDED_VARIANT = {**BEST_VARIANT, "expert_slots": 8, "balance_coef": 0.0}
+# The ceiling's recipe in the memory of 8 experts: the working set (every expert some token chose) streams through
+# 8 device slots; the trunk's gradient through the experts is taken in the backward pass with reloaded experts.
+STREAMED_VARIANT = {**BEST_VARIANT, "expert_cache": 8}
+# Named variants for `bench_quality.py --variants NAME ...`.
+PRESET_VARIANTS = {"tuned": BEST_VARIANT, "streamed": STREAMED_VARIANT, "bounded": BOUNDED_VARIANT}
+
+
+def parse_variants(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``bench_quality.py --variants`` items, each a preset name of :data:`PRESET_VARIANTS` or a JSON object
+    ``{name: kwargs}``, merged in order.
+
+    Raises:
+        ValueError: an item is neither, naming it and the presets.
+    """
+    variants: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if item in PRESET_VARIANTS:
+            variants[item] = dict(PRESET_VARIANTS[item])
+            continue
+        try:
+            parsed = json.loads(item)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
+            raise ValueError(
+                f"--variants: {item!r} is neither a preset ({', '.join(PRESET_VARIANTS)}) nor a JSON object "
+                '{name: {PragnosiaLM kwargs}}'
+            )
+        variants.update(parsed)
+    return variants
 
 
 @dataclass
@@ -54,8 +84,9 @@ class QualityConfig:
         pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches) of every PragnosiaLM run.
         variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
             ``pragnosia`` (the value ``"n"`` stands for the run's ``num_experts``); the plain run always runs.
-            Default: ``tuned``, the best configuration the issue-6 investigation found (``BEST_VARIANT``), and
-            ``bounded``, the same at a constant working set of 8 (``BOUNDED_VARIANT``).
+            Default: ``streamed``, the best configuration the issue-6 investigation found in the memory of 8
+            experts (``STREAMED_VARIANT``), and ``bounded``, the same recipe at a constant working set of 8
+            (``BOUNDED_VARIANT``); ``PRESET_VARIANTS`` also has ``tuned``, every expert resident.
 
     Raises:
         ValueError: on an unknown model kind or a non-positive size.
@@ -79,7 +110,7 @@ class QualityConfig:
     store: str = "host"
     pragnosia: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"tuned": BEST_VARIANT, "bounded": BOUNDED_VARIANT}
+        default_factory=lambda: {"streamed": STREAMED_VARIANT, "bounded": BOUNDED_VARIANT}
     )
     seed: int = 0
     time_budget_min: float | None = 45.0
