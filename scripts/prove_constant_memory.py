@@ -11,6 +11,7 @@ analytic floor, baseline growing with n).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--malloc-trim-threshold", type=int, default=4 * 2**20,
                         help="glibc MALLOC_TRIM_THRESHOLD_ for each run, in bytes (-1: the allocator's default)")
     parser.add_argument("--router", choices=["product", "flat"], default="product", help="PragnosiaLM's router")
+    parser.add_argument("--per-token", action="store_true",
+                        help="PragnosiaLM routes each token to its own top-k of all n experts (expert_slots = n), "
+                             "streamed through --expert-cache slots")
+    parser.add_argument("--expert-cache", type=int, default=2, help="PragnosiaLM's device slots (default 2)")
+    parser.add_argument("--pragnosia", type=json.loads, default={}, help="further PragnosiaLM kwargs as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny widths, few steps, two n (for tests)")
     args = parser.parse_args(argv)
     if min(args.experts) < 2:
@@ -43,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     shared = dict(steps=args.steps, warmup=args.warmup, store=store, malloc_trim_threshold=trim)
     if args.quick:
         shared.update(d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=200_000)
-    specs = [RunSpec("pragnosia", n, router=args.router, **shared) for n in sorted(args.experts)]
+    ours = dict(router=args.router, per_token=args.per_token, expert_cache=args.expert_cache, pragnosia=args.pragnosia)
+    specs = [RunSpec("pragnosia", n, **ours, **shared) for n in sorted(args.experts)]
     specs += [RunSpec("global", n, **shared) for n in sorted(args.experts) if n <= args.baseline_max_experts]
 
     runs = []

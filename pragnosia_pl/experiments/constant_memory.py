@@ -50,6 +50,8 @@ class RunSpec:
     seed: int = 0
     malloc_trim_threshold: int | None = 4 * 2**20
     router: str = "product"
+    per_token: bool = False  # PragnosiaLM: expert_slots = n (each token's own top-k), streamed through the cache
+    pragnosia: dict = field(default_factory=dict)  # further PragnosiaLM keyword arguments
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -91,8 +93,10 @@ def build_model(spec: RunSpec):
                   num_experts=spec.num_experts, num_active_experts=spec.num_active_experts, max_len=spec.block_size)
     if spec.model == "global":
         return GlobalMoE(**common)
-    return PragnosiaLM(**common, expert_slots=spec.expert_slots, expert_cache=spec.expert_cache, store=spec.store,
-                       store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), seed=spec.seed, router=spec.router)
+    slots = spec.num_experts if spec.per_token else spec.expert_slots
+    return PragnosiaLM(**common, expert_slots=slots, expert_cache=spec.expert_cache, store=spec.store,
+                       store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), seed=spec.seed, router=spec.router,
+                       **spec.pragnosia)
 
 
 def analytic_floor(model, batch_size: int, block_size: int) -> dict[str, float]:
