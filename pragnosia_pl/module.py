@@ -21,9 +21,10 @@ from pragnosia_pl.expert_storage import ExpertStorage
 from pragnosia_pl.experts import ExpertLayout, make_expert_optimizer
 from pragnosia_pl.lm_base import LanguageModel, check_positive
 from pragnosia_pl.model import FeedForward, init_weights
-from pragnosia_pl.router import Router
+from pragnosia_pl.router import Router, Routing
 
 STORES = ("device", "host", "disk")
+READOUTS = ("own", "mixture")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -36,6 +37,13 @@ class LocalStep(NamedTuple):
     expert_out: torch.Tensor  # (N_e, d): the expert's output before its update, detached
     local_loss: torch.Tensor  # (): detached
     updated: bool  # False: the loss or gradient was not finite and the record was left as it was
+
+
+class Readout(NamedTuple):
+    """What an expert's local loss reads besides its own output (``model.local_readout: mixture``)."""
+
+    mixture: torch.Tensor  # (N_e, d): Σ_j g_j·o_j at the expert's tokens, every expert's pre-step output, detached
+    gate: torch.Tensor  # (N_e,): the expert's own gate, detached
 
 
 class PragnosiaLM(ExpertStorage, LanguageModel):
@@ -91,6 +99,10 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             an approximation; memory stays O(C)). Off: DESIGN §2's detached ``o_e``. With
             ``expert_optimizer=adam`` and a working set larger than k it closes most of the gap to
             ``GlobalMoE`` (``scripts/results/quality``).
+        local_readout: what an expert's local loss reads: ``own`` (``h + o_e``, DESIGN §3) or ``mixture``
+            (``h + Σ_j g_j·o_j`` with the other experts' outputs detached, its own as ``g_e·o_e``: the gradient the
+            shared loss would give the expert, from its own loss; costs a first, forward-only pass over the working
+            set).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -131,6 +143,7 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         consolidation: ConsolidationConfig | dict[str, Any] | None = None,
         max_nonfinite: int | None = 20,
         backprop_through_experts: bool = False,
+        local_readout: str = "own",
     ) -> None:
         super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
         self.save_hyperparameters()
@@ -160,6 +173,8 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
                 f"model.eval_expert_slots ({self.eval_expert_slots}) must be between model.num_active_experts "
                 f"({num_active_experts}) and model.num_experts ({num_experts})"
             )
+        if local_readout not in READOUTS:
+            raise ValueError(f"model.local_readout ({local_readout!r}) must be one of: {', '.join(READOUTS)}")
         if store not in STORES:
             raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORES)}")
         if keep_snapshots is not None and keep_snapshots < 1:
@@ -211,6 +226,8 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         through_experts = self.hparams.backprop_through_experts
         streamed = through_experts and len(working_set) > cache.capacity  # no room for every expert's copy
         routed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token_idx, gate) per position, for the backward
+        reads_mixture = self.hparams.local_readout == "mixture"
+        context = self._detached_mixture(h_in, routing, working_set) if reads_mixture else None  # (N, d) | None
         for position, expert_id in enumerate(working_set):
             token_idx, gate = routing.tokens_of(position)  # (N_e,), (N_e,)
             record = cache.load(expert_id)
@@ -219,7 +236,8 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             if streamed:
                 routed.append((token_idx, gate.detach()))
             pre_step = self.layout.split(record)[0].clone() if through_experts and not streamed else None
-            expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx])
+            readout = None if context is None else Readout(context[token_idx], gate.detach())
+            expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx], readout)
             if updated:
                 cache.mark_dirty(expert_id)
             else:
@@ -255,6 +273,19 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         self.log("train/balance_loss", routing.balance_loss.detach())
         return loss.detach()
 
+    @torch.no_grad()
+    def _detached_mixture(self, h: torch.Tensor, routing: Routing, working_set: list[int]) -> torch.Tensor:
+        """``Σ_e g_e·o_e`` (N, d) with every expert's current parameters, all detached: a first pass over the
+        working set, so that each expert's local loss can read the mixture it is part of."""
+        cache = self.experts()
+        mixture = torch.zeros_like(h)
+        for position, expert_id in enumerate(working_set):
+            token_idx, gate = routing.tokens_of(position)
+            params = self.layout.split(cache.load(expert_id))[0]
+            cache.prefetch(working_set[(position + 1) % len(working_set)])  # the last prefetches the next pass's first
+            mixture.index_add_(0, token_idx, gate[:, None] * self.layout.forward(params, h[token_idx]))
+        return mixture
+
     def _input_grad_through_experts(
         self, h: torch.Tensor, working_set: list[int], routed: list[tuple[torch.Tensor, torch.Tensor]],
         grad: torch.Tensor,
@@ -276,7 +307,9 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             grad_h.index_add_(0, token_idx, grad_e)
         return grad_h
 
-    def local_step(self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor) -> LocalStep:
+    def local_step(
+        self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor, readout: Readout | None = None
+    ) -> LocalStep:
         """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss.
 
         Returns the expert's output before the update (N_e, d) and the local loss, both detached, and whether the
@@ -287,7 +320,7 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         leaf = _alias(params).requires_grad_(True)  # the slot's memory, the graph's own version counter
         with torch.enable_grad():
             expert_out = self.layout.forward(leaf, h_e)  # (N_e, d)
-            local_loss = self.local_loss(h_e, expert_out, targets_e)
+            local_loss = self.local_loss(h_e, expert_out, targets_e, readout)
             (grad,) = torch.autograd.grad(local_loss, leaf)
         grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0))  # replicas stay identical
         finite = torch.isfinite(grad).all()
@@ -298,9 +331,18 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             self.expert_optimizer.step(params, grad, state, step)
         return LocalStep(expert_out.detach(), local_loss.detach(), updated)
 
-    def local_loss(self, h_e: torch.Tensor, expert_out: torch.Tensor, targets_e: torch.Tensor) -> torch.Tensor:
-        """``CE(head(norm(h_e + o_e)), y_e)`` through the detached head: a gradient for the expert alone."""
-        return F.cross_entropy(self.backbone.detached_logits(h_e + expert_out), targets_e)
+    def local_loss(
+        self, h_e: torch.Tensor, expert_out: torch.Tensor, targets_e: torch.Tensor, readout: Readout | None = None
+    ) -> torch.Tensor:
+        """``CE(head(norm(h_e + o_e)), y_e)`` through the detached head: a gradient for the expert alone.
+
+        With ``readout`` (``model.local_readout: mixture``) the head reads the whole mixture instead,
+        ``h_e + Σ_j g_j·o_j`` with every output detached but this expert's, which enters as ``g_e·o_e``.
+        """
+        if readout is None:
+            return F.cross_entropy(self.backbone.detached_logits(h_e + expert_out), targets_e)
+        z = h_e + readout.mixture + readout.gate[:, None] * (expert_out - expert_out.detach())  # value: h + Σ g·o
+        return F.cross_entropy(self.backbone.detached_logits(z), targets_e)
 
     def on_domain_switch(self, previous: str, new: str) -> None:
         """The training domain changed (``callbacks.DomainSwitcher`` calls this): the consolidation policy acts."""

@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--local-lr", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--time-budget-min", type=float, help="cut steps to fit this many minutes (0: no cut)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain PragnosiaLM run (variants only)")
     parser.add_argument("--accelerator", help="Lightning accelerator of every run (default cpu; gpu to use a GPU)")
     parser.add_argument("--pragnosia", type=json.loads, help="extra PragnosiaLM kwargs as JSON")
     parser.add_argument("--variants", nargs="+", metavar="NAME_OR_JSON",
@@ -59,6 +60,8 @@ def main() -> None:
         ).items()
         if value is not None
     }
+    if args.no_plain:
+        overrides["plain"] = False
     if args.time_budget_min is not None:
         overrides["time_budget_min"] = args.time_budget_min or None
     config = QualityConfig.quick(**overrides) if args.quick else QualityConfig(**overrides)

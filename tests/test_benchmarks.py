@@ -73,6 +73,9 @@ def test_plans():
     assert [p.label for p in plan_runs(QualityConfig(num_experts=(8, 32), variants={}))] == [
         "PragnosiaLM n=8", "GlobalMoE n=8", "PragnosiaLM n=32", "GlobalMoE n=32", "DenseLM"
     ]
+    assert [p.label for p in plan_runs(QualityConfig(num_experts=(8,), models=("pragnosia",), plain=False))] == [
+        "PragnosiaLM n=8 [streamed]", "PragnosiaLM n=8 [bounded]"
+    ]
     contenders = plan_contenders(ThroughputConfig(), 512)
     assert [(c.store, c.expert_cache) for c in contenders] == [
         ("device", 2), ("host", 2), ("disk", 2), ("device", 8), ("host", 8), ("disk", 8), (None, None)

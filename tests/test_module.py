@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import cpu_trainer, token_loader
 
 from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
@@ -140,3 +141,34 @@ def test_bad_configuration_names_the_key(kwargs, message):
     options.update(kwargs)
     with pytest.raises(ValueError, match=message):
         PragnosiaLM(**options)
+
+
+def test_mixture_readout_gives_each_expert_the_shared_loss_gradient(tiny):
+    from pragnosia_pl.module import Readout
+
+    model = PragnosiaLM(**tiny, num_experts=6, num_active_experts=2, expert_slots=6, local_readout="mixture")
+    x, y = next(iter(token_loader(1)))
+    targets = y.flatten()
+    with torch.no_grad():
+        h = model.backbone.trunk(x).flatten(0, 1)  # (N, d)
+        routing = model.router(h, model.expert_slots)
+    params = []
+    for expert_id in routing.working_set.tolist():
+        record = torch.empty(model.layout.record_numel)
+        model.layout.init_record(expert_id, record)
+        params.append(model.layout.split(record)[0].clone().requires_grad_(True))
+    placed = [routing.tokens_of(position) for position in range(len(params))]
+    gates = [gate.detach() for _, gate in placed]
+
+    mixture = torch.zeros_like(h)
+    for (token_idx, _), gate, p in zip(placed, gates, params):
+        mixture = mixture.index_add(0, token_idx, gate[:, None] * model.layout.forward(p, h[token_idx]))
+    shared_grads = torch.autograd.grad(F.cross_entropy(model.backbone.logits(h + mixture), targets), params)
+
+    context = mixture.detach()
+    for position, ((token_idx, _), gate, p) in enumerate(zip(placed, gates, params)):
+        out = model.layout.forward(p, h[token_idx])
+        local = model.local_loss(h[token_idx], out, targets[token_idx], Readout(context[token_idx], gate))
+        (grad,) = torch.autograd.grad(local, p)
+        scale = token_idx.numel() / targets.numel()  # the local loss averages over the expert's tokens only
+        torch.testing.assert_close(grad * scale, shared_grads[position], rtol=1e-4, atol=1e-7)

@@ -79,6 +79,7 @@ class QualityConfig:
             (the JSON records the cut); ``None`` runs ``steps`` as asked.
         threads: torch CPU threads (``None``: torch's default). One by default: on a machine shared with other
             jobs, OpenMP threads that wait for a descheduled sibling make steps up to 100× slower.
+        plain: run the plain ``PragnosiaLM`` (no variant) too.
         accelerator: Lightning accelerator of every run (``cpu`` by default, so figures from different machines
             compare; ``gpu`` or ``auto`` trains on a GPU).
         pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches) of every PragnosiaLM run.
@@ -118,6 +119,7 @@ class QualityConfig:
     threads: int | None = 1
     cache_dir: str | None = None
     accelerator: str = "cpu"
+    plain: bool = True
 
     def __post_init__(self) -> None:
         self.num_experts = tuple(self.num_experts)
@@ -168,7 +170,8 @@ def plan_runs(config: QualityConfig) -> list[RunPlan]:
     runs = []
     for n in config.num_experts:
         if "pragnosia" in config.models:
-            runs += [RunPlan("pragnosia", n)] + [RunPlan("pragnosia", n, name) for name in config.variants]
+            runs += [RunPlan("pragnosia", n)] if config.plain else []
+            runs += [RunPlan("pragnosia", n, name) for name in config.variants]
         if "global_moe" in config.models:
             runs.append(RunPlan("global_moe", n))
     if "dense" in config.models:
