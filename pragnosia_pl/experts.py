@@ -59,11 +59,15 @@ class FlatAdam:
         param.addcdiv_(exp_avg, denom * bias1, value=-self.lr)
 
 
-def make_expert_optimizer(name: str, lr: float, momentum: float = 0.0) -> FlatSGD | FlatAdam:
+def make_expert_optimizer(
+    name: str, lr: float, momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)
+) -> FlatSGD | FlatAdam:
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"model.local_betas ({betas}) must be two numbers in [0, 1)")
     if name == "sgd":
         return FlatSGD(lr, momentum)
     if name == "adam":
-        return FlatAdam(lr)
+        return FlatAdam(lr, betas)
     raise ValueError(f"model.expert_optimizer ({name!r}) must be one of: {', '.join(EXPERT_OPTIMIZERS)}")
 
 

@@ -77,6 +77,7 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         expert_optimizer: ``sgd`` or ``adam``; its state lives in the expert's record.
         local_lr: learning rate of the expert optimizers.
         local_momentum: SGD momentum of the expert optimizers.
+        local_betas: Adam betas of the expert optimizers (the shared AdamW uses (0.9, 0.95)).
         lr: learning rate of the shared AdamW.
         weight_decay: shared AdamW weight decay (matrices only).
         balance_coef: α of the load-balancing term.
@@ -132,6 +133,7 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         expert_optimizer: str = "sgd",
         local_lr: float = 0.01,
         local_momentum: float = 0.0,
+        local_betas: tuple[float, float] = (0.9, 0.999),
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         balance_coef: float = 0.01,
@@ -187,7 +189,7 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             ConsolidationConfig.of(consolidation), num_experts, num_active_experts, self.expert_slots
         )
         self.hparams["consolidation"] = asdict(self.consolidation.config)  # plain types: weights-only checkpoints
-        self.expert_optimizer = make_expert_optimizer(expert_optimizer, local_lr, local_momentum)
+        self.expert_optimizer = make_expert_optimizer(expert_optimizer, local_lr, local_momentum, tuple(local_betas))
         self.layout = ExpertLayout(self.build_expert, self.expert_optimizer, seed)
         self.usage: Counter[int] = Counter()
         self._init_storage()

@@ -134,6 +134,8 @@ def test_eval_forward_and_generate_stream_through_the_cache(tiny):
         (dict(d_model=18, n_heads=4), r"model.d_model \(18\) must be divisible by model.n_heads \(4\)"),
         (dict(eval_expert_slots=1), r"model.eval_expert_slots \(1\) must be between"),
         (dict(keep_snapshots=0), r"model.keep_snapshots \(0\) must be ≥ 1"),
+        (dict(local_betas=(0.9, 1.5)), r"model.local_betas \(\(0.9, 1.5\)\) must be two numbers in \[0, 1\)"),
+        (dict(local_readout="sum"), r"model.local_readout \('sum'\) must be one of: own, mixture"),
     ],
 )
 def test_bad_configuration_names_the_key(kwargs, message):
