@@ -19,12 +19,14 @@ from typing import Any
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
 # The closest local learning came to GlobalMoE in the issue-6 investigation
 # (scripts/results/quality/investigation.json): every expert in the working set (each token its own top-k of all
-# n), Adam experts, the shared loss reaching the trunk through the experts, GlobalMoE's flat router. With a cache
-# of S = n slots every expert is resident, so device memory grows with n: a quality ceiling.
+# n), Adam experts with the shared AdamW's betas (0.9, 0.95), the shared loss reaching the trunk through the
+# experts, GlobalMoE's flat router. With a cache of S = n slots every expert is resident, so device memory grows
+# with n: a quality ceiling.
 BEST_VARIANT = {
     "expert_slots": "n",
     "expert_optimizer": "adam",
     "local_lr": 1e-3,
+    "local_betas": (0.9, 0.95),
     "backprop_through_experts": True,
     "router": "flat",
 }
