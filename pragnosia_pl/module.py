@@ -322,7 +322,10 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         leaf = _alias(params).requires_grad_(True)  # the slot's memory, the graph's own version counter
         with torch.enable_grad():
             expert_out = self.layout.forward(leaf, h_e)  # (N_e, d)
-            local_loss = self.local_loss(h_e, expert_out, targets_e, readout)
+            if readout is None:  # a subclass's local_loss(h_e, expert_out, targets_e) keeps working
+                local_loss = self.local_loss(h_e, expert_out, targets_e)
+            else:
+                local_loss = self.local_loss(h_e, expert_out, targets_e, readout)
             (grad,) = torch.autograd.grad(local_loss, leaf)
         grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0))  # replicas stay identical
         finite = torch.isfinite(grad).all()
