@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
@@ -44,6 +44,21 @@ class Readout(NamedTuple):
 
     mixture: torch.Tensor  # (N_e, d): Σ_j g_j·o_j at the expert's tokens, every expert's pre-step output, detached
     gate: torch.Tensor  # (N_e,): the expert's own gate, detached
+
+
+class _RoutedExpert(NamedTuple):
+    expert_id: int
+    token_idx: torch.Tensor  # (N_e,)
+    gate: torch.Tensor  # (N_e,), detached
+    readout: Readout | None
+
+
+class _LocalOutcome:
+    """What the step's local updates did: their losses, and the experts whose update was skipped."""
+
+    def __init__(self) -> None:
+        self.local_losses: list[torch.Tensor] = []
+        self.skipped_experts: list[int] = []
 
 
 class PragnosiaLM(ExpertStorage, LanguageModel):
@@ -224,40 +239,47 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
 
         h_in = h.detach()  # experts never see the trunk's graph
         mixture = torch.zeros_like(h_in)  # (N, d) Σ_e g_e · o_e
-        local_losses, skipped_experts = [], []
         through_experts = self.hparams.backprop_through_experts
-        streamed = through_experts and len(working_set) > cache.capacity  # no room for every expert's copy
-        routed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token_idx, gate) per position, for the backward
+        # A working set larger than the cache has no room for each expert's pre-step copy in the graph: the trunk's
+        # gradient through the experts is then taken in the backward pass, reloading them one at a time, and in one
+        # process their local steps wait for it (exact); under DDP they do not (post-step Jacobian).
+        streamed = through_experts and len(working_set) > cache.capacity
+        deferred = streamed and world_size() == 1
         reads_mixture = self.hparams.local_readout == "mixture"
         context = self._detached_mixture(h_in, routing, working_set) if reads_mixture else None  # (N, d) | None
+        experts: list[_RoutedExpert] = []
+        outcome = _LocalOutcome()
         for position, expert_id in enumerate(working_set):
             token_idx, gate = routing.tokens_of(position)  # (N_e,), (N_e,)
             record = cache.load(expert_id)
             if position + 1 < len(working_set):
                 cache.prefetch(working_set[position + 1])
-            if streamed:
-                routed.append((token_idx, gate.detach()))
-            pre_step = self.layout.split(record)[0].clone() if through_experts and not streamed else None
             readout = None if context is None else Readout(context[token_idx], gate.detach())
-            expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx], readout)
-            if updated:
-                cache.mark_dirty(expert_id)
+            routed = _RoutedExpert(expert_id, token_idx, gate.detach(), readout)
+            experts.append(routed)
+            if deferred:
+                with torch.no_grad():
+                    expert_out = self.layout.forward(self.layout.split(record)[0], h_in[token_idx])  # (N_e, d)
             else:
-                skipped_experts.append(expert_id)  # its slot still equals its record: nothing to write back
-            if pre_step is not None:  # same values; a graph into the trunk, none into the expert
-                expert_out = self.layout.forward(pre_step, h[token_idx])  # (N_e, d)
+                pre_step = self.layout.split(record)[0].clone() if through_experts and not streamed else None
+                expert_out = self._train_expert(record, routed, h_in, targets, outcome)
+                if pre_step is not None:  # same values; a graph into the trunk, none into the expert
+                    expert_out = self.layout.forward(pre_step, h[token_idx])  # (N_e, d)
             mixture = mixture.index_add(0, token_idx, gate[:, None] * expert_out)  # gates carry the router's grad
-            local_losses.append(local_loss)
 
         z = h + mixture  # (N, d)
         if streamed:  # adds nothing forward; backward: the trunk's gradient through every expert, one at a time
-            input_grad = partial(self._input_grad_through_experts, h_in, working_set, routed)
-            z = z + _ThroughExperts.apply(h, input_grad)
+            train = partial(self._train_expert, h_in=h_in, targets=targets, outcome=outcome) if deferred else None
+            z = z + _ThroughExperts.apply(h, partial(self._input_grad_through_experts, h_in, experts, train))
         lm_loss = F.cross_entropy(self.backbone.logits(z), targets)
         loss = lm_loss + self.hparams.balance_coef * routing.balance_loss
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:  # not when consolidation froze every shared parameter
             self.manual_backward(loss)
+        if deferred and not outcome.local_losses:  # no backward pass ran: the local steps still must
+            for routed in experts:
+                self._train_expert(cache.load(routed.expert_id), routed, h_in, targets, outcome)
+        local_losses, skipped_experts = outcome.local_losses, outcome.skipped_experts
         shared_updated = self._shared_update_is_finite(loss)
         if not shared_updated:
             # Still step: Lightning counts optimizer steps as global steps (one per batch), and AdamW leaves every
@@ -288,25 +310,44 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             mixture.index_add_(0, token_idx, gate[:, None] * self.layout.forward(params, h[token_idx]))
         return mixture
 
+    def _train_expert(
+        self, record: torch.Tensor, routed: _RoutedExpert, h_in: torch.Tensor, targets: torch.Tensor,
+        outcome: _LocalOutcome,
+    ) -> torch.Tensor:
+        """One expert's local step on its tokens; marks its slot dirty (or counts it skipped). Returns its
+        pre-step output (N_e, d), detached."""
+        token_idx = routed.token_idx
+        expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx], routed.readout)
+        if updated:
+            self.experts().mark_dirty(routed.expert_id)
+        else:
+            outcome.skipped_experts.append(routed.expert_id)  # its slot still equals its record: no write-back
+        outcome.local_losses.append(local_loss)
+        return expert_out
+
     def _input_grad_through_experts(
-        self, h: torch.Tensor, working_set: list[int], routed: list[tuple[torch.Tensor, torch.Tensor]],
-        grad: torch.Tensor,
+        self, h: torch.Tensor, experts: list[_RoutedExpert], train: Callable | None, grad: torch.Tensor
     ) -> torch.Tensor:
         """``Σ_e J_e(h)ᵀ (g_e · grad)`` (N, d): the gradient ``grad`` (N, d) of the LM loss w.r.t. the residual
-        stream, carried back to the trunk output ``h`` through each expert's current (post-step) parameters,
-        loaded into the cache again one after another. No gradient reaches an expert."""
+        stream, carried back to the trunk output ``h`` through each expert, loaded into the cache again one after
+        another. With ``train`` each expert's local step follows its Jacobian, which is therefore the pre-step one;
+        without it the experts stepped already and the Jacobian is the post-step one. No gradient reaches an
+        expert."""
         cache = self.experts()
         grad_h = torch.zeros_like(h)
-        for position, (expert_id, (token_idx, gate)) in enumerate(zip(working_set, routed)):
-            params = self.layout.split(cache.load(expert_id))[0].detach()
-            if position + 1 < len(working_set):
-                cache.prefetch(working_set[position + 1])
+        for position, routed in enumerate(experts):
+            record = cache.load(routed.expert_id)
+            if position + 1 < len(experts):
+                cache.prefetch(experts[position + 1].expert_id)
+            params = _alias(self.layout.split(record)[0])  # loads into other slots may land meanwhile
             with torch.enable_grad():
-                h_e = h[token_idx].requires_grad_(True)  # (N_e, d)
+                h_e = h[routed.token_idx].requires_grad_(True)  # (N_e, d)
                 (grad_e,) = torch.autograd.grad(
-                    self.layout.forward(params, h_e), h_e, grad_outputs=gate[:, None] * grad[token_idx]
+                    self.layout.forward(params, h_e), h_e, grad_outputs=routed.gate[:, None] * grad[routed.token_idx]
                 )
-            grad_h.index_add_(0, token_idx, grad_e)
+            grad_h.index_add_(0, routed.token_idx, grad_e)
+            if train is not None:
+                train(record, routed)
         return grad_h
 
     def local_step(

@@ -11,6 +11,7 @@ Runs of 2 epochs × 4 steps, a checkpoint at each epoch end (epoch ends: a plain
     ddp_resumed    two ranks resuming from single's epoch-1 checkpoint
     single_resumed one process resuming from ddp's epoch-1 checkpoint
     *_per_token    expert_slots = num_experts: the working set is the union of the experts any rank's tokens chose
+    ddp_streamed   per-token, backprop_through_experts, a cache smaller than the working set
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     per_token = dict(num_experts=4, expert_slots=4, expert_cache=4, balance_coef=0.0)
     for devices, name in ((2, "ddp_per_token"), (1, "single_per_token")):
         runs[name] = run(tmp_path, name, devices=devices, **per_token)
+    # The working set streamed through a smaller cache, the trunk's gradient through the experts taken in the
+    # backward pass (under DDP with the experts' post-step parameters).
+    streamed = dict(per_token, expert_cache=2, backprop_through_experts=True)
+    runs["ddp_streamed"] = run(tmp_path, "ddp_streamed", devices=2, **streamed)
     return runs
 
 
@@ -127,7 +132,7 @@ def assert_close(a: dict, b: dict) -> None:
         assert (x - y).norm() <= tolerance * y.norm(), (name, float((x - y).norm() / y.norm()))
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_resumed", "ddp_per_token"])
+@pytest.mark.parametrize("name", ["ddp", "ddp_resumed", "ddp_per_token", "ddp_streamed"])
 def test_ranks_hold_identical_shared_parameters_and_expert_records(runs, name):
     rank0, rank1 = runs[name]
     assert len(rank0["losses"]) == 2 * STEPS_PER_EPOCH - (STEPS_PER_EPOCH if name.endswith("resumed") else 0)
@@ -170,3 +175,8 @@ def test_checkpoint_written_in_a_single_process_resumes_under_ddp(runs):
     tail = single["losses"][STEPS_PER_EPOCH:]
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(tail), atol=LOSS_TOLERANCE, rtol=0)
     assert_close(resumed, single)
+
+
+def test_streamed_ddp_learns(runs):
+    losses = runs["ddp_streamed"][0]["losses"]
+    assert losses[-1] < losses[0] - 0.1
