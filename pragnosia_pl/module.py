@@ -111,8 +111,9 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             (the expert's parameters held at their pre-step values, so still no gradient reaches an expert), at
             the cost of one more forward per expert and a copy of its parameters. With a working set larger than the
             cache (C < S) the copies would make memory grow with S, so instead each expert is loaded again during
-            the backward pass and its input gradient is taken with its post-step parameters (one local step later:
-            an approximation; memory stays O(C)). Off: DESIGN §2's detached ``o_e``. With
+            the backward pass, its input gradient taken, and only then its local step (the same result in O(C)
+            memory; under DDP the local steps come first and the Jacobian is the post-step one). Off: DESIGN §2's
+            detached ``o_e``. With
             ``expert_optimizer=adam`` and a working set larger than k it closes most of the gap to
             ``GlobalMoE`` (``scripts/results/quality``).
         local_readout: what an expert's local loss reads: ``own`` (``h + o_e``, DESIGN §3) or ``mixture``
