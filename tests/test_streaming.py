@@ -30,12 +30,13 @@ def test_streaming_local_learning_equals_a_cache_that_holds_the_working_set(tiny
     assert torch.equal(shared(streamed), shared(whole))
 
 
-@pytest.mark.parametrize("store", ["host", "disk"])
-def test_streamed_backprop_through_experts_equals_the_resident_path(tiny, tmp_path, store):
+@pytest.mark.parametrize(("store", "readout"), [("host", "own"), ("disk", "own"), ("host", "mixture")])
+def test_streamed_backprop_through_experts_equals_the_resident_path(tiny, tmp_path, store, readout):
     # In one process the streamed step defers each expert's local step until its Jacobian has been used in the
     # backward pass, so it computes what the resident path computes, in a different order.
-    whole = train(tiny, tmp_path, "whole", cache=8, backprop_through_experts=True, store=store)
-    streamed = train(tiny, tmp_path, "streamed", cache=2, backprop_through_experts=True, store=store)
+    options = dict(backprop_through_experts=True, store=store, local_readout=readout)
+    whole = train(tiny, tmp_path, "whole", cache=8, **options)
+    streamed = train(tiny, tmp_path, "streamed", cache=2, **options)
     detached = train(tiny, tmp_path, "detached", cache=2, store=store)
     assert streamed.experts().stats()["evictions"] > 0
     torch.testing.assert_close(shared(streamed), shared(whole), rtol=0, atol=1e-5)
