@@ -21,7 +21,7 @@ from pragnosia_pl.expert_storage import ExpertStorage
 from pragnosia_pl.experts import ExpertLayout, make_expert_optimizer
 from pragnosia_pl.lm_base import LanguageModel, check_positive
 from pragnosia_pl.model import FeedForward, init_weights
-from pragnosia_pl.router import Router, Routing
+from pragnosia_pl.router import Router
 
 STORES = ("device", "host", "disk")
 READOUTS = ("own", "mixture")
@@ -246,19 +246,22 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         # process their local steps wait for it (exact); under DDP they do not (post-step Jacobian).
         streamed = through_experts and len(working_set) > cache.capacity
         deferred = streamed and world_size() == 1
-        reads_mixture = self.hparams.local_readout == "mixture"
-        context = self._detached_mixture(h_in, routing, working_set) if reads_mixture else None  # (N, d) | None
+        placed = [routing.tokens_of(position) for position in range(len(working_set))]  # (N_e,), (N_e,) each
+        outputs = None  # every expert's pre-step output, when a first pass computed them
+        if self.hparams.local_readout == "mixture":
+            context, outputs = self._detached_mixture(h_in, working_set, placed)  # (N, d), [(N_e, d)]
         experts: list[_RoutedExpert] = []
         outcome = _LocalOutcome()
-        for position, expert_id in enumerate(working_set):
-            token_idx, gate = routing.tokens_of(position)  # (N_e,), (N_e,)
+        for position, (expert_id, (token_idx, gate)) in enumerate(zip(working_set, placed)):
             record = cache.load(expert_id)
             if position + 1 < len(working_set):
                 cache.prefetch(working_set[position + 1])
-            readout = None if context is None else Readout(context[token_idx], gate.detach())
+            readout = None if outputs is None else Readout(context[token_idx], gate.detach())
             routed = _RoutedExpert(expert_id, token_idx, gate.detach(), readout)
             experts.append(routed)
-            if deferred:
+            if deferred and outputs is not None:
+                expert_out = outputs[position]
+            elif deferred:
                 with torch.no_grad():
                     expert_out = self.layout.forward(self.layout.split(record)[0], h_in[token_idx])  # (N_e, d)
             else:
@@ -299,17 +302,19 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         return loss.detach()
 
     @torch.no_grad()
-    def _detached_mixture(self, h: torch.Tensor, routing: Routing, working_set: list[int]) -> torch.Tensor:
-        """``Σ_e g_e·o_e`` (N, d) with every expert's current parameters, all detached: a first pass over the
-        working set, so that each expert's local loss can read the mixture it is part of."""
+    def _detached_mixture(
+        self, h: torch.Tensor, working_set: list[int], placed: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``Σ_e g_e·o_e`` (N, d) with every expert's current parameters, all detached, and each ``o_e`` (N_e, d):
+        a first pass over the working set, so that each expert's local loss can read the mixture it is part of."""
         cache = self.experts()
-        mixture = torch.zeros_like(h)
-        for position, expert_id in enumerate(working_set):
-            token_idx, gate = routing.tokens_of(position)
+        mixture, outputs = torch.zeros_like(h), []
+        for position, (expert_id, (token_idx, gate)) in enumerate(zip(working_set, placed)):
             params = self.layout.split(cache.load(expert_id))[0]
             cache.prefetch(working_set[(position + 1) % len(working_set)])  # the last prefetches the next pass's first
-            mixture.index_add_(0, token_idx, gate[:, None] * self.layout.forward(params, h[token_idx]))
-        return mixture
+            outputs.append(self.layout.forward(params, h[token_idx]))
+            mixture.index_add_(0, token_idx, gate[:, None] * outputs[-1])
+        return mixture, outputs
 
     def _train_expert(
         self, record: torch.Tensor, routed: _RoutedExpert, h_in: torch.Tensor, targets: torch.Tensor,

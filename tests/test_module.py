@@ -16,6 +16,16 @@ def all_records(model: PragnosiaLM) -> torch.Tensor:
     return records
 
 
+def initial_parameters(model: PragnosiaLM, expert_ids: list[int]) -> list[torch.Tensor]:
+    """Each expert's initial parameters, as leaves that require grad."""
+    leaves = []
+    for expert_id in expert_ids:
+        record = torch.empty(model.layout.record_numel)
+        model.layout.init_record(expert_id, record)
+        leaves.append(model.layout.split(record)[0].clone().requires_grad_(True))
+    return leaves
+
+
 @pytest.mark.parametrize("store", ["device", "host", "disk"])
 @pytest.mark.parametrize("expert_optimizer", ["sgd", "adam"])
 def test_unselected_experts_unchanged_after_a_step(tiny, tmp_path, store, expert_optimizer):
@@ -45,12 +55,7 @@ def test_no_gradient_crosses_experts_or_shared(tiny):
     shared = list(model.parameters())
     h = model.backbone.trunk(x).flatten(0, 1)  # (N, d)
     routing = model.router(h, model.expert_slots)
-    records = []
-    for expert_id in routing.working_set.tolist():
-        record = torch.empty(model.layout.record_numel)
-        model.layout.init_record(expert_id, record)
-        records.append(record)
-    leaves = [model.layout.split(r)[0].clone().requires_grad_(True) for r in records]
+    leaves = initial_parameters(model, routing.working_set.tolist())
     outs = [model.layout.forward(leaf, h.detach()) for leaf in leaves]
     targets = y.flatten()
 
@@ -154,11 +159,7 @@ def test_mixture_readout_gives_each_expert_the_shared_loss_gradient(tiny):
     with torch.no_grad():
         h = model.backbone.trunk(x).flatten(0, 1)  # (N, d)
         routing = model.router(h, model.expert_slots)
-    params = []
-    for expert_id in routing.working_set.tolist():
-        record = torch.empty(model.layout.record_numel)
-        model.layout.init_record(expert_id, record)
-        params.append(model.layout.split(record)[0].clone().requires_grad_(True))
+    params = initial_parameters(model, routing.working_set.tolist())
     placed = [routing.tokens_of(position) for position in range(len(params))]
     gates = [gate.detach() for _, gate in placed]
 

@@ -50,8 +50,7 @@ class RunSpec:
     seed: int = 0
     malloc_trim_threshold: int | None = 4 * 2**20
     router: str = "product"
-    per_token: bool = False  # PragnosiaLM: expert_slots = n (each token's own top-k), streamed through the cache
-    pragnosia: dict = field(default_factory=dict)  # further PragnosiaLM keyword arguments
+    pragnosia: dict = field(default_factory=dict)  # further PragnosiaLM keyword arguments, over the ones above
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -93,10 +92,9 @@ def build_model(spec: RunSpec):
                   num_experts=spec.num_experts, num_active_experts=spec.num_active_experts, max_len=spec.block_size)
     if spec.model == "global":
         return GlobalMoE(**common)
-    slots = spec.num_experts if spec.per_token else spec.expert_slots
-    return PragnosiaLM(**common, expert_slots=slots, expert_cache=spec.expert_cache, store=spec.store,
-                       store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), seed=spec.seed, router=spec.router,
-                       **spec.pragnosia)
+    options = dict(expert_slots=spec.expert_slots, expert_cache=spec.expert_cache, store=spec.store,
+                   store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), seed=spec.seed, router=spec.router)
+    return PragnosiaLM(**common, **{**options, **spec.pragnosia})
 
 
 def analytic_floor(model, batch_size: int, block_size: int) -> dict[str, float]:

@@ -86,7 +86,8 @@ class QualityConfig:
             compare; ``gpu`` or ``auto`` trains on a GPU).
         pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches) of every PragnosiaLM run.
         variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
-            ``pragnosia`` (the value ``"n"`` stands for the run's ``num_experts``); the plain run always runs.
+            ``pragnosia`` (the value ``"n"`` stands for the run's ``num_experts``); the plain run too unless
+            ``plain`` is false.
             Default: ``streamed``, the best configuration the issue-6 investigation found in the memory of 8
             experts (``STREAMED_VARIANT``), and ``bounded``, the same recipe at a constant working set of 8
             (``BOUNDED_VARIANT``); ``PRESET_VARIANTS`` also has ``tuned``, every expert resident.
