@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,10 +16,11 @@ from torch import nn
 from typing_extensions import override
 
 from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
-from pragnosia_pl.distributed import mean_across_ranks, sum_across_ranks, world_size
+from pragnosia_pl.distributed import sum_across_ranks, world_size
 from pragnosia_pl.expert_storage import ExpertStorage
 from pragnosia_pl.experts import ExpertLayout, make_expert_optimizer
 from pragnosia_pl.lm_base import LanguageModel, check_positive
+from pragnosia_pl.local_learning import LocalLearning, LocalOutcome, Readout, RoutedExpert, ThroughExperts
 from pragnosia_pl.model import FeedForward, init_weights
 from pragnosia_pl.router import Router
 
@@ -31,37 +32,7 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped: ``model.max_nonfinite`` consecutive steps had a non-finite loss or gradient."""
 
 
-class LocalStep(NamedTuple):
-    """What :meth:`PragnosiaLM.local_step` did to one expert."""
-
-    expert_out: torch.Tensor  # (N_e, d): the expert's output before its update, detached
-    local_loss: torch.Tensor  # (): detached
-    updated: bool  # False: the loss or gradient was not finite and the record was left as it was
-
-
-class Readout(NamedTuple):
-    """What an expert's local loss reads besides its own output (``model.local_readout: mixture``)."""
-
-    mixture: torch.Tensor  # (N_e, d): Σ_j g_j·o_j at the expert's tokens, every expert's pre-step output, detached
-    gate: torch.Tensor  # (N_e,): the expert's own gate, detached
-
-
-class _RoutedExpert(NamedTuple):
-    expert_id: int
-    token_idx: torch.Tensor  # (N_e,)
-    gate: torch.Tensor  # (N_e,), detached
-    readout: Readout | None
-
-
-class _LocalOutcome:
-    """What the step's local updates did: their losses, and the experts whose update was skipped."""
-
-    def __init__(self) -> None:
-        self.local_losses: list[torch.Tensor] = []
-        self.skipped_experts: list[int] = []
-
-
-class PragnosiaLM(ExpertStorage, LanguageModel):
+class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
     """Mixture-of-Experts LM whose experts learn from local losses and live in an expert store.
 
     Each training step routes the batch to a working set of ``expert_slots`` experts; each is loaded into a
@@ -250,14 +221,14 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         outputs = None  # every expert's pre-step output, when a first pass computed them
         if self.hparams.local_readout == "mixture":
             context, outputs = self._detached_mixture(h_in, working_set, placed)  # (N, d), [(N_e, d)]
-        experts: list[_RoutedExpert] = []
-        outcome = _LocalOutcome()
+        experts: list[RoutedExpert] = []
+        outcome = LocalOutcome()
         for position, (expert_id, (token_idx, gate)) in enumerate(zip(working_set, placed)):
             record = cache.load(expert_id)
             if position + 1 < len(working_set):
                 cache.prefetch(working_set[position + 1])
             readout = None if outputs is None else Readout(context[token_idx], gate.detach())
-            routed = _RoutedExpert(expert_id, token_idx, gate.detach(), readout)
+            routed = RoutedExpert(expert_id, token_idx, gate.detach(), readout)
             experts.append(routed)
             if deferred and outputs is not None:
                 expert_out = outputs[position]
@@ -274,7 +245,7 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         z = h + mixture  # (N, d)
         if streamed:  # adds nothing forward; backward: the trunk's gradient through every expert, one at a time
             train = partial(self._train_expert, h_in=h_in, targets=targets, outcome=outcome) if deferred else None
-            z = z + _ThroughExperts.apply(h, partial(self._input_grad_through_experts, h_in, experts, train))
+            z = z + ThroughExperts.apply(h, partial(self._input_grad_through_experts, h_in, experts, train))
         lm_loss = F.cross_entropy(self.backbone.logits(z), targets)
         loss = lm_loss + self.hparams.balance_coef * routing.balance_loss
         optimizer.zero_grad(set_to_none=True)
@@ -300,101 +271,6 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
         self.log("train/local_loss", torch.stack(local_losses).mean())
         self.log("train/balance_loss", routing.balance_loss.detach())
         return loss.detach()
-
-    @torch.no_grad()
-    def _detached_mixture(
-        self, h: torch.Tensor, working_set: list[int], placed: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``Σ_e g_e·o_e`` (N, d) with every expert's current parameters, all detached, and each ``o_e`` (N_e, d):
-        a first pass over the working set, so that each expert's local loss can read the mixture it is part of."""
-        cache = self.experts()
-        mixture, outputs = torch.zeros_like(h), []
-        for position, (expert_id, (token_idx, gate)) in enumerate(zip(working_set, placed)):
-            params = self.layout.split(cache.load(expert_id))[0]
-            cache.prefetch(working_set[(position + 1) % len(working_set)])  # the last prefetches the next pass's first
-            outputs.append(self.layout.forward(params, h[token_idx]))
-            mixture.index_add_(0, token_idx, gate[:, None] * outputs[-1])
-        return mixture, outputs
-
-    def _train_expert(
-        self, record: torch.Tensor, routed: _RoutedExpert, h_in: torch.Tensor, targets: torch.Tensor,
-        outcome: _LocalOutcome,
-    ) -> torch.Tensor:
-        """One expert's local step on its tokens; marks its slot dirty (or counts it skipped). Returns its
-        pre-step output (N_e, d), detached."""
-        token_idx = routed.token_idx
-        expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx], routed.readout)
-        if updated:
-            self.experts().mark_dirty(routed.expert_id)
-        else:
-            outcome.skipped_experts.append(routed.expert_id)  # its slot still equals its record: no write-back
-        outcome.local_losses.append(local_loss)
-        return expert_out
-
-    def _input_grad_through_experts(
-        self, h: torch.Tensor, experts: list[_RoutedExpert], train: Callable | None, grad: torch.Tensor
-    ) -> torch.Tensor:
-        """``Σ_e J_e(h)ᵀ (g_e · grad)`` (N, d): the gradient ``grad`` (N, d) of the LM loss w.r.t. the residual
-        stream, carried back to the trunk output ``h`` through each expert, loaded into the cache again one after
-        another. With ``train`` each expert's local step follows its Jacobian, which is therefore the pre-step one;
-        without it the experts stepped already and the Jacobian is the post-step one. No gradient reaches an
-        expert."""
-        cache = self.experts()
-        grad_h = torch.zeros_like(h)
-        for position, routed in enumerate(experts):
-            record = cache.load(routed.expert_id)
-            if position + 1 < len(experts):
-                cache.prefetch(experts[position + 1].expert_id)
-            params = _alias(self.layout.split(record)[0])  # loads into other slots may land meanwhile
-            with torch.enable_grad():
-                h_e = h[routed.token_idx].requires_grad_(True)  # (N_e, d)
-                (grad_e,) = torch.autograd.grad(
-                    self.layout.forward(params, h_e), h_e, grad_outputs=routed.gate[:, None] * grad[routed.token_idx]
-                )
-            grad_h.index_add_(0, routed.token_idx, grad_e)
-            if train is not None:
-                train(record, routed)
-        return grad_h
-
-    def local_step(
-        self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor, readout: Readout | None = None
-    ) -> LocalStep:
-        """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss.
-
-        Returns the expert's output before the update (N_e, d) and the local loss, both detached, and whether the
-        update was applied: a non-finite loss or gradient leaves ``record`` untouched. Under DDP the gradient and
-        the loss are first averaged over every rank's tokens, so every replica takes the same step (or skips it).
-        """
-        params, state, step = self.layout.split(record)
-        leaf = _alias(params).requires_grad_(True)  # the slot's memory, the graph's own version counter
-        with torch.enable_grad():
-            expert_out = self.layout.forward(leaf, h_e)  # (N_e, d)
-            if readout is None:  # a subclass's local_loss(h_e, expert_out, targets_e) keeps working
-                local_loss = self.local_loss(h_e, expert_out, targets_e)
-            else:
-                local_loss = self.local_loss(h_e, expert_out, targets_e, readout)
-            (grad,) = torch.autograd.grad(local_loss, leaf)
-        grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0))  # replicas stay identical
-        finite = torch.isfinite(grad).all()
-        if h_e.size(0) > 0 or world_size() > 1:  # one process, no tokens: the mean is NaN, the gradient zero
-            finite = finite & torch.isfinite(local_loss)
-        updated = bool(finite)  # one host sync per expert, as tokens_of's nonzero() already costs
-        if updated:  # checked before stepping: the step is in place, on the slot
-            self.expert_optimizer.step(params, grad, state, step)
-        return LocalStep(expert_out.detach(), local_loss.detach(), updated)
-
-    def local_loss(
-        self, h_e: torch.Tensor, expert_out: torch.Tensor, targets_e: torch.Tensor, readout: Readout | None = None
-    ) -> torch.Tensor:
-        """``CE(head(norm(h_e + o_e)), y_e)`` through the detached head: a gradient for the expert alone.
-
-        With ``readout`` (``model.local_readout: mixture``) the head reads the whole mixture instead,
-        ``h_e + Σ_j g_j·o_j`` with every output detached but this expert's, which enters as ``g_e·o_e``.
-        """
-        if readout is None:
-            return F.cross_entropy(self.backbone.detached_logits(h_e + expert_out), targets_e)
-        z = h_e + readout.mixture + readout.gate[:, None] * (expert_out - expert_out.detach())  # value: h + Σ g·o
-        return F.cross_entropy(self.backbone.detached_logits(z), targets_e)
 
     def on_domain_switch(self, previous: str, new: str) -> None:
         """The training domain changed (``callbacks.DomainSwitcher`` calls this): the consolidation policy acts."""
@@ -553,26 +429,3 @@ class PragnosiaLM(ExpertStorage, LanguageModel):
             for param in self.parameters():
                 param.requires_grad_(self.consolidation.shared_lr_factor > 0)
         super().on_load_checkpoint(checkpoint)  # the store snapshot, restored now or on first use
-
-
-class _ThroughExperts(torch.autograd.Function):
-    """Zeros like ``h`` in the forward pass; in the backward pass, ``input_grad(grad)`` as the gradient of ``h``."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, input_grad) -> torch.Tensor:
-        ctx.input_grad = input_grad
-        return torch.zeros_like(h)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.input_grad(grad), None
-
-
-def _alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor on ``tensor``'s memory with a version counter of its own.
-
-    Views of one slot buffer share a version counter, so an asynchronous load into another slot during this
-    expert's backward would look like an in-place edit of its saved tensors; an alias keeps them apart.
-    """
-    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())

@@ -151,7 +151,7 @@ def test_bad_configuration_names_the_key(kwargs, message):
 
 
 def test_mixture_readout_gives_each_expert_the_shared_loss_gradient(tiny):
-    from pragnosia_pl.module import Readout
+    from pragnosia_pl.local_learning import Readout
 
     model = PragnosiaLM(**tiny, num_experts=6, num_active_experts=2, expert_slots=6, local_readout="mixture")
     x, y = next(iter(token_loader(1)))
