@@ -35,23 +35,29 @@ def sum_across_ranks(mass: torch.Tensor) -> torch.Tensor:
 
 
 def mean_across_ranks(
-    grad: torch.Tensor, local_loss: torch.Tensor, num_tokens: int
+    grad: torch.Tensor, local_loss: torch.Tensor, num_tokens: int, batch_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """An expert's flat gradient (P,) and local loss () averaged over every token it saw on every rank.
 
     Each rank weights its mean by its ``num_tokens``, so the result is what one process would compute on the
     global batch; a rank whose batch sent the expert no tokens contributes nothing (its mean over zero tokens
-    is undefined). One all-reduce of P + 2 floats per expert.
+    is undefined). With ``batch_tokens`` (this rank's batch) the gradient is instead divided by all ranks' batch
+    tokens: the sum over the expert's tokens weighted as the shared loss weighs them (``local_weighting:
+    batch``); the loss stays the mean. One all-reduce of P + 3 floats per expert.
     """
     if world_size() == 1:
-        return grad, local_loss
-    weighted = torch.empty(grad.numel() + 2, dtype=torch.float32, device=grad.device)  # [Σ n·g | Σ n·L | Σ n]
+        if batch_tokens is None:
+            return grad, local_loss
+        return grad * (num_tokens / batch_tokens), local_loss
+    weighted = torch.empty(grad.numel() + 3, dtype=torch.float32, device=grad.device)  # [Σ n·g | Σ n·L | Σ n | Σ N]
     if num_tokens > 0:
-        torch.mul(grad.reshape(-1), num_tokens, out=weighted[:-2])
-        weighted[-2] = local_loss.float() * num_tokens
+        torch.mul(grad.reshape(-1), num_tokens, out=weighted[:-3])
+        weighted[-3] = local_loss.float() * num_tokens
     else:
-        weighted[:-1].zero_()
-    weighted[-1] = num_tokens
+        weighted[:-2].zero_()
+    weighted[-2] = num_tokens
+    weighted[-1] = 0 if batch_tokens is None else batch_tokens
     dist.all_reduce(weighted, op=dist.ReduceOp.SUM)
-    total = weighted[-1].clamp(min=1)
-    return (weighted[:-2] / total).view_as(grad).to(grad.dtype), weighted[-2] / total
+    expert_tokens = weighted[-2].clamp(min=1)
+    divisor = expert_tokens if batch_tokens is None else weighted[-1]
+    return (weighted[:-3] / divisor).view_as(grad).to(grad.dtype), weighted[-3] / expert_tokens

@@ -76,7 +76,10 @@ class LocalLearning:
         """One expert's local step on its tokens; marks its slot dirty (or counts it skipped). Returns its
         pre-step output (N_e, d), detached."""
         token_idx = routed.token_idx
-        expert_out, local_loss, updated = self.local_step(record, h_in[token_idx], targets[token_idx], routed.readout)
+        batch_tokens = h_in.size(0) if self.hparams.local_weighting == "batch" else None
+        expert_out, local_loss, updated = self.local_step(
+            record, h_in[token_idx], targets[token_idx], routed.readout, batch_tokens
+        )
         if updated:
             self.experts().mark_dirty(routed.expert_id)
         else:
@@ -110,13 +113,16 @@ class LocalLearning:
         return grad_h
 
     def local_step(
-        self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor, readout: Readout | None = None
+        self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor, readout: Readout | None = None,
+        batch_tokens: int | None = None,
     ) -> LocalStep:
         """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss.
 
         Returns the expert's output before the update (N_e, d) and the local loss, both detached, and whether the
         update was applied: a non-finite loss or gradient leaves ``record`` untouched. Under DDP the gradient and
         the loss are first averaged over every rank's tokens, so every replica takes the same step (or skips it).
+        With ``batch_tokens`` (the tokens of the batch ``h_e`` came from) the gradient of the loss, a mean over
+        the expert's tokens, is scaled by their share of the batch (``model.local_weighting: batch``).
         """
         params, state, step = self.layout.split(record)
         leaf = _alias(params).requires_grad_(True)  # the slot's memory, the graph's own version counter
@@ -127,7 +133,9 @@ class LocalLearning:
             else:
                 local_loss = self.local_loss(h_e, expert_out, targets_e, readout)
             (grad,) = torch.autograd.grad(local_loss, leaf)
-        grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0))  # replicas stay identical
+        grad, local_loss = mean_across_ranks(  # replicas stay identical
+            grad, local_loss, num_tokens=h_e.size(0), batch_tokens=batch_tokens
+        )
         finite = torch.isfinite(grad).all()
         if h_e.size(0) > 0 or world_size() > 1:  # one process, no tokens: the mean is NaN, the gradient zero
             finite = finite & torch.isfinite(local_loss)

@@ -26,6 +26,7 @@ from pragnosia_pl.router import Router
 
 STORES = ("device", "host", "disk")
 READOUTS = ("own", "mixture")
+WEIGHTINGS = ("expert", "batch")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,6 +92,11 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
             (``h + Σ_j g_j·o_j`` with the other experts' outputs detached, its own as ``g_e·o_e``: the gradient the
             shared loss would give the expert, from its own loss; costs a first, forward-only pass over the working
             set).
+        local_weighting: how an expert's step weighs its tokens: ``expert`` (its loss is the mean over its own
+            tokens, DESIGN §3: a step on 3 tokens is as large as one on 300) or ``batch`` (that mean's gradient
+            times the expert's share of the batch's tokens, N_e/N: each token weighs what it weighs in the shared
+            loss; with ``local_readout: mixture`` the expert's gradient is then exactly the shared loss's). Only
+            matters to SGD as a smaller step; to Adam it is the relative weight of steps.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -133,6 +139,7 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
         max_nonfinite: int | None = 20,
         backprop_through_experts: bool = False,
         local_readout: str = "own",
+        local_weighting: str = "expert",
     ) -> None:
         super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
         self.save_hyperparameters()
@@ -164,6 +171,8 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
             )
         if local_readout not in READOUTS:
             raise ValueError(f"model.local_readout ({local_readout!r}) must be one of: {', '.join(READOUTS)}")
+        if local_weighting not in WEIGHTINGS:
+            raise ValueError(f"model.local_weighting ({local_weighting!r}) must be one of: {', '.join(WEIGHTINGS)}")
         if store not in STORES:
             raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORES)}")
         if keep_snapshots is not None and keep_snapshots < 1:

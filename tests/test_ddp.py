@@ -11,6 +11,7 @@ Runs of 2 epochs × 4 steps, a checkpoint at each epoch end (epoch ends: a plain
     ddp_resumed    two ranks resuming from single's epoch-1 checkpoint
     single_resumed one process resuming from ddp's epoch-1 checkpoint
     *_per_token    expert_slots = num_experts: the working set is the union of the experts any rank's tokens chose
+    *_batch_weighted  per-token, local_readout mixture, local_weighting batch (the all-reduce divides by all tokens)
     ddp_streamed   per-token, backprop_through_experts, a cache smaller than the working set
 """
 
@@ -116,6 +117,10 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
     per_token = dict(num_experts=4, expert_slots=4, expert_cache=4, balance_coef=0.0)
     for devices, name in ((2, "ddp_per_token"), (1, "single_per_token")):
         runs[name] = run(tmp_path, name, devices=devices, **per_token)
+    # Each expert's gradient weighted by its share of the global batch's tokens; SGD, so that its scale shows.
+    weighted = dict(per_token, local_readout="mixture", local_weighting="batch", expert_optimizer="sgd", local_lr=1.0)
+    for devices, name in ((2, "ddp_batch_weighted"), (1, "single_batch_weighted")):
+        runs[name] = run(tmp_path, name, devices=devices, **weighted)
     # The working set streamed through a smaller cache, the trunk's gradient through the experts taken in the
     # backward pass (under DDP with the experts' post-step parameters).
     streamed = dict(per_token, expert_cache=2, backprop_through_experts=True)
@@ -132,7 +137,7 @@ def assert_close(a: dict, b: dict) -> None:
         assert (x - y).norm() <= tolerance * y.norm(), (name, float((x - y).norm() / y.norm()))
 
 
-@pytest.mark.parametrize("name", ["ddp", "ddp_resumed", "ddp_per_token", "ddp_streamed"])
+@pytest.mark.parametrize("name", ["ddp", "ddp_resumed", "ddp_per_token", "ddp_streamed", "ddp_batch_weighted"])
 def test_ranks_hold_identical_shared_parameters_and_expert_records(runs, name):
     rank0, rank1 = runs[name]
     assert len(rank0["losses"]) == 2 * STEPS_PER_EPOCH - (STEPS_PER_EPOCH if name.endswith("resumed") else 0)
@@ -153,7 +158,7 @@ def test_experts_were_trained(runs):
     assert int(trained.sum()) > MODEL["expert_slots"]  # the comparisons of records are not vacuous
 
 
-@pytest.mark.parametrize("name", ["", "_per_token"])
+@pytest.mark.parametrize("name", ["", "_per_token", "_batch_weighted"])
 def test_loss_curve_matches_a_single_process_with_the_global_batch(runs, name):
     ddp, (single,) = runs[f"ddp{name}"][0], runs[f"single{name}"]
     torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), atol=LOSS_TOLERANCE,

@@ -141,6 +141,7 @@ def test_eval_forward_and_generate_stream_through_the_cache(tiny):
         (dict(keep_snapshots=0), r"model.keep_snapshots \(0\) must be ≥ 1"),
         (dict(local_betas=(0.9, 1.5)), r"model.local_betas \(\(0.9, 1.5\)\) must be two numbers in \[0, 1\)"),
         (dict(local_readout="sum"), r"model.local_readout \('sum'\) must be one of: own, mixture"),
+        (dict(local_weighting="token"), r"model.local_weighting \('token'\) must be one of: expert, batch"),
     ],
 )
 def test_bad_configuration_names_the_key(kwargs, message):
@@ -175,3 +176,33 @@ def test_mixture_readout_gives_each_expert_the_shared_loss_gradient(tiny):
         (grad,) = torch.autograd.grad(local, p)
         scale = token_idx.numel() / targets.numel()  # the local loss averages over the expert's tokens only
         torch.testing.assert_close(grad * scale, shared_grads[position], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("local_weighting", ["expert", "batch"])
+def test_a_step_moves_each_expert_by_the_shared_loss_gradient_under_batch_weighting(tiny, tmp_path, local_weighting):
+    """``local_readout: mixture`` with ``local_weighting: batch``: one SGD step (lr 1) on an expert equals minus
+    the shared LM loss's gradient for it; with the default weighting it is that times N/N_e."""
+    model = PragnosiaLM(
+        **tiny, num_experts=6, num_active_experts=2, expert_slots=6, store="device", expert_optimizer="sgd",
+        local_lr=1.0, local_readout="mixture", local_weighting=local_weighting, balance_coef=0.0,
+    )
+    loader = token_loader(1)
+    x, y = next(iter(loader))
+    with torch.no_grad():
+        h = model.backbone.trunk(x).flatten(0, 1)  # (N, d), the step's trunk output (shared step comes after)
+        routing = model.router(h, model.expert_slots)
+    working_set = routing.working_set.tolist()
+    params = initial_parameters(model, working_set)
+    mixture = torch.zeros_like(h)
+    for position, p in enumerate(params):
+        token_idx, gate = routing.tokens_of(position)
+        mixture = mixture.index_add(0, token_idx, gate[:, None] * model.layout.forward(p, h[token_idx]))
+    shared_grads = torch.autograd.grad(F.cross_entropy(model.backbone.logits(h + mixture), y.flatten()), params)
+
+    cpu_trainer(tmp_path, max_steps=1).fit(model, train_dataloaders=loader)
+    records = all_records(model)
+    for position, (expert_id, p, shared_grad) in enumerate(zip(working_set, params, shared_grads)):
+        step = p.detach() - model.layout.split(records[expert_id])[0]  # lr 1: the gradient the expert stepped on
+        share = routing.tokens_of(position)[0].numel() / y.numel()
+        expected = shared_grad if local_weighting == "batch" else shared_grad / share
+        torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-6)
