@@ -87,9 +87,13 @@ def test_variants_are_presets_or_json():
     assert parse_variants(["streamed", '{"adam": {"expert_optimizer": "adam"}}']) == {
         "streamed": STREAMED_VARIANT, "adam": {"expert_optimizer": "adam"}
     }
-    assert STREAMED_VARIANT["expert_cache"] < 32 and set(PRESET_VARIANTS) == {"tuned", "streamed", "bounded"}
+    assert STREAMED_VARIANT["expert_cache"] < 32
+    for name in ("tuned", "streamed", "bounded"):  # each with its local step matched to the shared loss
+        assert PRESET_VARIANTS[f"matched-{name}" if name != "tuned" else "matched"] == {
+            **PRESET_VARIANTS[name], "local_readout": "mixture", "local_weighting": "batch"
+        }
     for bad in ("fast", "[1, 2]", '{"x": 1}'):
-        with pytest.raises(ValueError, match=r"neither a preset \(tuned, streamed, bounded\) nor a JSON object"):
+        with pytest.raises(ValueError, match=r"neither a preset \(tuned, streamed, bounded, matched, .*\) nor a JSON"):
             parse_variants([bad])
 
 

@@ -36,8 +36,16 @@ BOUNDED_VARIANT = {**BEST_VARIANT, "expert_slots": 8, "balance_coef": 0.0}
 # The ceiling's recipe in the memory of 8 experts: the working set (every expert some token chose) streams through
 # 8 device slots; the trunk's gradient through the experts is taken in the backward pass with reloaded experts.
 STREAMED_VARIANT = {**BEST_VARIANT, "expert_cache": 8}
+# Each of the above with every expert's local step matched to the shared loss: its loss reads the whole detached
+# mixture and weighs its tokens by their share of the batch, so its gradient is the one the shared loss would give
+# it (still computed from its own loss, on the detached trunk output).
+MATCHED = {"local_readout": "mixture", "local_weighting": "batch"}
 # Named variants for `bench_quality.py --variants NAME ...`.
-PRESET_VARIANTS = {"tuned": BEST_VARIANT, "streamed": STREAMED_VARIANT, "bounded": BOUNDED_VARIANT}
+PRESET_VARIANTS = {
+    "tuned": BEST_VARIANT, "streamed": STREAMED_VARIANT, "bounded": BOUNDED_VARIANT,
+    "matched": {**BEST_VARIANT, **MATCHED}, "matched-streamed": {**STREAMED_VARIANT, **MATCHED},
+    "matched-bounded": {**BOUNDED_VARIANT, **MATCHED},
+}
 
 
 def parse_variants(items: list[str]) -> dict[str, dict[str, Any]]:
