@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from typing_extensions import override
 
@@ -74,6 +74,25 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader``: it resumes mid-epoch, because its :class:`EpochSampler` starts a resumed epoch
+    after the samples the Trainer already trained on, with or without worker processes.
+
+    Its state (saved in every checkpoint) is what that count of samples depends on: the number of samples and the
+    batch size. A checkpoint taken with others warns that the resumed epoch will not continue the same order.
+    """
+
+    def state_dict(self) -> dict[str, int]:
+        return {"num_samples": len(self.dataset), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict != self.state_dict():
+            rank_zero_warn(
+                f"the checkpoint's training data had {state_dict}, this run's has {self.state_dict()}: the resumed "
+                "epoch does not continue the interrupted one's order of batches"
+            )
 
 
 def _collate_blocks(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +285,7 @@ class TextDomains(pl.LightningDataModule):
                 f"data.batch_size ({self.batch_size}) exceeds the {len(dataset)} training blocks of "
                 f"{', '.join(names)}; lower data.batch_size or data.block_size"
             )
-        return DataLoader(
+        return ResumableLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochSampler(len(dataset), self.seed, consumed=self._consumed_samples),

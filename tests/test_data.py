@@ -297,3 +297,28 @@ def test_pydoc_topics_without_prose_hold_no_text(tmp_path):
     sources = [domains_module.Source(str(topics), "pydoc-topics")]
     with pytest.raises(ValueError, match=r"data\.domains\.docs: files hold no text"):
         domains_module.load_domain_bytes("docs", sources, None, str(tmp_path / "cache"))
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+@pytest.mark.filterwarnings("ignore:.*does not have many workers")
+@pytest.mark.filterwarnings("error:.*dataloader is not resumable")  # Lightning knows the loader resumes
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_mid_epoch_resume_repeats_the_remaining_batches(corpus, num_workers):
+    def run(name, max_steps, ckpt_path=None, batch_size=4):
+        dm = make(corpus, setup=False, seed=3, num_workers=num_workers, batch_size=batch_size)
+        model = BatchRecorder()
+        trainer = pl.Trainer(
+            accelerator="cpu", max_steps=max_steps, limit_val_batches=0, default_root_dir=corpus / name,
+            logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[pl.callbacks.ModelCheckpoint(dirpath=corpus / name / "ckpt", every_n_train_steps=2,
+                                                    save_top_k=-1)],
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return [x for _, x in model.seen], trainer.num_training_batches
+
+    straight, per_epoch = run("straight", max_steps=8)
+    assert per_epoch > 4  # step 2 is mid-epoch
+    resumed, _ = run("resumed", max_steps=8, ckpt_path=corpus / "straight" / "ckpt" / "epoch=0-step=2.ckpt")
+    assert len(resumed) == 6 and all(torch.equal(a, b) for a, b in zip(resumed, straight[2:]))
+    with pytest.warns(UserWarning, match=r"training data had .*'batch_size': 4.* this run's has .*'batch_size': 2"):
+        run("other", max_steps=3, ckpt_path=corpus / "straight" / "ckpt" / "epoch=0-step=2.ckpt", batch_size=2)
