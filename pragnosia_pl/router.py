@@ -116,13 +116,13 @@ class Router(nn.Module):
             in_set = self._log_prob_at(log_probs, working_set).detach()  # (N, S)
             positions = in_set.topk(self.k, dim=-1).indices  # (N, k)
         if self.gate == "router":
-            chosen = self._log_prob_at(scores, working_set).gather(1, positions)  # (N, k) summed key logits
+            chosen = self._value_at(scores, working_set[positions])  # (N, k) summed key logits
             gates = F.softmax(chosen, dim=-1)  # (N, k)
         else:
             gates = torch.full(positions.shape, 1.0 / self.k, device=h.device)  # (N, k)
-        prob_in_set = self._log_prob_at(log_probs, working_set).exp().mean(dim=0)  # (S,) P_i
-        fraction = F.one_hot(positions, working_set.numel()).sum(dim=(0, 1)).float() / positions.numel()  # (S,) f_i
-        balance_loss = self.num_experts * (fraction * prob_in_set).sum()
+        prob_in_set = self._mean_prob(log_probs, working_set)  # (S,) P_i
+        fraction = torch.bincount(positions.flatten(), minlength=working_set.numel()).float() / positions.numel()
+        balance_loss = self.num_experts * (fraction * prob_in_set).sum()  # fraction: (S,) f_i
         return Routing(working_set, positions, gates, balance_loss)
 
     @torch.no_grad()
@@ -156,6 +156,23 @@ class Router(nn.Module):
     def _log_prob_at(self, per_key: list[torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
         """Sum over key sets of ``per_key[m][:, key_m(e)]`` for each expert e: (N, len(experts))."""
         return sum(values[:, idx] for values, idx in zip(per_key, self._split(experts)))
+
+    def _value_at(self, per_key: list[torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
+        """Sum over key sets of ``per_key[m][t, key_m(experts[t, j])]``: each token's own experts (N, k)."""
+        return sum(values.gather(1, idx) for values, idx in zip(per_key, self._split(experts)))
+
+    def _mean_prob(self, log_probs: list[torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
+        """Router probability of each of ``experts`` (S,) averaged over the tokens: (S,), differentiable.
+
+        Product keys: ``mean_t p1_t(i)·p2_t(j)`` from the (U1, U2) block of ``P1ᵀ·P2`` over the keys the experts
+        use, so nothing of size N·S is built (per-token routing has S up to N·k).
+        """
+        num_tokens = log_probs[0].size(0)
+        if self.kind == "flat":
+            return log_probs[0][:, experts].exp().mean(dim=0)  # (N, n) exists already
+        (keys1, at1), (keys2, at2) = (idx.unique(return_inverse=True) for idx in self._split(experts))
+        joint = log_probs[0][:, keys1].exp().t() @ log_probs[1][:, keys2].exp()  # (U1, U2) Σ_t p1_t(i)·p2_t(j)
+        return joint[at1, at2] / num_tokens
 
     def _mass(self, probs: list[torch.Tensor]) -> torch.Tensor:
         if self.kind == "flat":
