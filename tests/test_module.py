@@ -151,26 +151,30 @@ def test_bad_configuration_names_the_key(kwargs, message):
         PragnosiaLM(**options)
 
 
+def shared_loss_gradients(model: PragnosiaLM, x: torch.Tensor, y: torch.Tensor):
+    """Route ``x`` with the model's initial weights and take the shared LM loss's gradient for each working-set
+    expert's initial parameters. Returns ``(h, working_set, placed, params, mixture, gradients)``."""
+    with torch.no_grad():
+        h = model.backbone.trunk(x).flatten(0, 1)  # (N, d), the step's trunk output (the shared step comes after)
+        routing = model.router(h, model.expert_slots)
+    working_set = routing.working_set.tolist()
+    params = initial_parameters(model, working_set)
+    placed = [routing.tokens_of(position) for position in range(len(working_set))]  # (N_e,), (N_e,) each
+    mixture = torch.zeros_like(h)
+    for (token_idx, gate), p in zip(placed, params):
+        mixture = mixture.index_add(0, token_idx, gate[:, None] * model.layout.forward(p, h[token_idx]))
+    gradients = torch.autograd.grad(F.cross_entropy(model.backbone.logits(h + mixture), y.flatten()), params)
+    return h, working_set, placed, params, mixture.detach(), gradients
+
+
 def test_mixture_readout_gives_each_expert_the_shared_loss_gradient(tiny):
     from pragnosia_pl.local_learning import Readout
 
     model = PragnosiaLM(**tiny, num_experts=6, num_active_experts=2, expert_slots=6, local_readout="mixture")
     x, y = next(iter(token_loader(1)))
     targets = y.flatten()
-    with torch.no_grad():
-        h = model.backbone.trunk(x).flatten(0, 1)  # (N, d)
-        routing = model.router(h, model.expert_slots)
-    params = initial_parameters(model, routing.working_set.tolist())
-    placed = [routing.tokens_of(position) for position in range(len(params))]
-    gates = [gate.detach() for _, gate in placed]
-
-    mixture = torch.zeros_like(h)
-    for (token_idx, _), gate, p in zip(placed, gates, params):
-        mixture = mixture.index_add(0, token_idx, gate[:, None] * model.layout.forward(p, h[token_idx]))
-    shared_grads = torch.autograd.grad(F.cross_entropy(model.backbone.logits(h + mixture), targets), params)
-
-    context = mixture.detach()
-    for position, ((token_idx, _), gate, p) in enumerate(zip(placed, gates, params)):
+    h, _, placed, params, context, shared_grads = shared_loss_gradients(model, x, y)
+    for position, ((token_idx, gate), p) in enumerate(zip(placed, params)):
         out = model.layout.forward(p, h[token_idx])
         local = model.local_loss(h[token_idx], out, targets[token_idx], Readout(context[token_idx], gate))
         (grad,) = torch.autograd.grad(local, p)
@@ -188,21 +192,12 @@ def test_a_step_moves_each_expert_by_the_shared_loss_gradient_under_batch_weight
     )
     loader = token_loader(1)
     x, y = next(iter(loader))
-    with torch.no_grad():
-        h = model.backbone.trunk(x).flatten(0, 1)  # (N, d), the step's trunk output (shared step comes after)
-        routing = model.router(h, model.expert_slots)
-    working_set = routing.working_set.tolist()
-    params = initial_parameters(model, working_set)
-    mixture = torch.zeros_like(h)
-    for position, p in enumerate(params):
-        token_idx, gate = routing.tokens_of(position)
-        mixture = mixture.index_add(0, token_idx, gate[:, None] * model.layout.forward(p, h[token_idx]))
-    shared_grads = torch.autograd.grad(F.cross_entropy(model.backbone.logits(h + mixture), y.flatten()), params)
+    _, working_set, placed, params, _, shared_grads = shared_loss_gradients(model, x, y)
 
     cpu_trainer(tmp_path, max_steps=1).fit(model, train_dataloaders=loader)
     records = all_records(model)
-    for position, (expert_id, p, shared_grad) in enumerate(zip(working_set, params, shared_grads)):
+    for expert_id, (token_idx, _), p, shared_grad in zip(working_set, placed, params, shared_grads):
         step = p.detach() - model.layout.split(records[expert_id])[0]  # lr 1: the gradient the expert stepped on
-        share = routing.tokens_of(position)[0].numel() / y.numel()
+        share = token_idx.numel() / y.numel()
         expected = shared_grad if local_weighting == "batch" else shared_grad / share
         torch.testing.assert_close(step, expected, rtol=1e-4, atol=1e-6)
