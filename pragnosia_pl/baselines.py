@@ -1,13 +1,20 @@
-"""Baselines of DESIGN §7, built from the same blocks: a globally trained MoE and a dense model."""
+"""Baselines of DESIGN §7, built from the same blocks: a globally trained MoE and a dense model.
+
+Fair by construction: with the same ``seed`` they start from ``PragnosiaLM``'s weights (backbone and router from
+the seed, expert e from ``(seed, e)``) and get the same shared AdamW and the same ``grad_clip``.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
-from pragnosia_pl.lm_base import LanguageModel, check_positive
+from pragnosia_pl.experts import ExpertLayout, FlatSGD, feed_forward_expert
+from pragnosia_pl.lm_base import LanguageModel, check_positive, seeded
 from pragnosia_pl.model import FeedForward, init_weights
 from pragnosia_pl.router import Router
 
@@ -15,8 +22,11 @@ from pragnosia_pl.router import Router
 class GlobalMoE(LanguageModel):
     """Standard per-token top-k MoE: every expert resident, one loss backpropagated through everything.
 
-    One AdamW over all parameters, automatic optimization. Same backbone, router and experts as
-    ``PragnosiaLM``, so the two differ only in how experts learn and where they live.
+    One AdamW over all parameters (betas (0.9, 0.95), no weight decay on experts), automatic optimization.
+    Same backbone, router and experts as ``PragnosiaLM``, from the same ``seed``; an expert without tokens keeps
+    its gradient ``None``, so AdamW neither moves it nor decays its state (the lazy Adam of PragnosiaLM's
+    experts). ``grad_clip`` clips the shared parameters by their own norm and each expert by its own, as
+    ``PragnosiaLM(objective="exact")`` does: with the same seed, data and clipping the two train identically.
 
     Args:
         vocab_size: token ids (256: bytes).
@@ -27,18 +37,19 @@ class GlobalMoE(LanguageModel):
         num_active_experts: k, experts per token.
         expert_hidden: hidden width of each FFN expert; default 4·d.
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (matrices only).
+        weight_decay: AdamW weight decay (shared matrices only).
         balance_coef: α of the load-balancing term.
-        gate: ``router`` or ``uniform``.
         router: ``flat`` (standard) or ``product``.
+        grad_clip: max norm of the shared gradient and of each expert's (0 disables).
         max_len: longest sequence the rotary table covers.
+        seed: the backbone and router come from ``seed``, expert e from ``(seed, e)``.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
 
     Example::
 
-        baseline = GlobalMoE(d_model=128, num_experts=32, num_active_experts=2)
+        baseline = GlobalMoE(d_model=128, num_experts=32, num_active_experts=2, seed=0)
     """
 
     def __init__(
@@ -53,11 +64,12 @@ class GlobalMoE(LanguageModel):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         balance_coef: float = 0.01,
-        gate: str = "router",
-        router: str = "flat",
+        router: Literal["flat", "product"] = "flat",
+        grad_clip: float = 1.0,
         max_len: int = 1024,
+        seed: int = 0,
     ) -> None:
-        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
+        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len, seed, grad_clip)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_experts=num_experts, num_active_experts=num_active_experts, expert_hidden=hidden)
@@ -65,19 +77,32 @@ class GlobalMoE(LanguageModel):
             raise ValueError(
                 f"model.num_active_experts ({num_active_experts}) must be ≤ model.num_experts ({num_experts})"
             )
-        self.router = Router(d_model, num_experts, num_active_experts, gate=gate, router=router)
+        with seeded(seed, 1):
+            self.router = Router(d_model, num_experts, num_active_experts, router=router)
+        layout = ExpertLayout(lambda: feed_forward_expert(d_model, hidden), FlatSGD(0.0), seed)
         self.experts = nn.ModuleList(FeedForward(d_model, hidden) for _ in range(num_experts))
-        self.experts.apply(init_weights)
+        for expert_id, expert in enumerate(self.experts):
+            torch.nn.utils.vector_to_parameters(layout.init_params(expert_id), expert.parameters())
+
+    @override
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [*self.backbone.parameters(), *self.router.parameters()]
+
+    @override
+    def undecayed_parameters(self) -> set[int]:
+        return {id(p) for p in self.experts.parameters()}
 
     def _mix(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = tokens.shape
         h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
-        routing = self.router(h, self.hparams.num_experts)  # per-token top-k over all n
+        routing = self.router(h)  # per-token top-k over all n
+        groups = routing.groups()
         mixture = torch.zeros_like(h)  # (N, d)
-        for position, expert_id in enumerate(routing.working_set.tolist()):
-            token_idx, gate = routing.tokens_of(position)
+        for position, expert_id in enumerate(groups.expert_ids):
+            rows = groups.rows(position)
+            token_idx = groups.token_idx[rows]
             expert_out = self.experts[expert_id](h[token_idx])  # (N_e, d)
-            mixture = mixture.index_add(0, token_idx, gate[:, None] * expert_out)
+            mixture = mixture.index_add(0, token_idx, groups.gates[rows, None] * expert_out)
         logits = self.backbone.logits(h + mixture).view(B, T, -1)  # (B, T, V)
         return logits, routing.balance_loss
 
@@ -94,6 +119,15 @@ class GlobalMoE(LanguageModel):
         self.log("train/balance_loss", balance_loss.detach())
         return lm_loss + self.hparams.balance_coef * balance_loss
 
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.clip_shared_gradients()
+        if self.hparams.grad_clip > 0:
+            for expert in self.experts:
+                params = [p for p in expert.parameters() if p.grad is not None]
+                if params:
+                    torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
+
 
 class DenseLM(LanguageModel):
     """The trunk plus one FFN with the active parameters of k experts (hidden width k · expert_hidden).
@@ -107,7 +141,9 @@ class DenseLM(LanguageModel):
         expert_hidden: hidden width of one expert of that MoE; default 4·d.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (matrices only).
+        grad_clip: max norm of the gradient (0 disables).
         max_len: longest sequence the rotary table covers.
+        seed: the backbone comes from ``seed`` (as in every model), the FFN from ``(seed, 2)``.
 
     Raises:
         ValueError: on a non-positive size; the message names the YAML key.
@@ -127,14 +163,17 @@ class DenseLM(LanguageModel):
         expert_hidden: int | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        grad_clip: float = 1.0,
         max_len: int = 1024,
+        seed: int = 0,
     ) -> None:
-        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
+        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len, seed, grad_clip)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_active_experts=num_active_experts, expert_hidden=hidden)
-        self.ffn = FeedForward(d_model, num_active_experts * hidden)
-        self.ffn.apply(init_weights)
+        with seeded(seed, 2):
+            self.ffn = FeedForward(d_model, num_active_experts * hidden)
+            self.ffn.apply(init_weights)
 
     @override
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -147,3 +186,7 @@ class DenseLM(LanguageModel):
         loss = F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.clip_shared_gradients()

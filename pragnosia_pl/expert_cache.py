@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -89,6 +90,16 @@ class ExpertCache:
                 raise
         self._current = expert_id
         return self.slots[slot]
+
+    def stream(self, expert_ids: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yields ``(expert_id, record)`` for each id in order, reading the next one while the caller works on
+        this one: the one loop through the slots that training, evaluation and generation share. Each record is
+        a slot view, valid until the next iteration."""
+        for position, expert_id in enumerate(expert_ids):
+            record = self.load(expert_id)
+            if position + 1 < len(expert_ids):
+                self.prefetch(expert_ids[position + 1])
+            yield expert_id, record
 
     def prefetch(self, expert_id: int) -> None:
         """Starts reading ``expert_id`` into a slot; a later :meth:`load` waits for it.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,9 +23,20 @@ def check_positive(**sizes: int | float) -> None:
             raise ValueError(f"model.{key} ({value}) must be > 0")
 
 
-class LanguageModel(LightningModule):
-    """Base of ``PragnosiaLM``, ``GlobalMoE`` and ``DenseLM``: backbone, shared Adam, validation metrics.
+@contextmanager
+def seeded(seed: int, stream: int) -> Iterator[None]:
+    """Initialise what is built inside from ``(seed, stream)`` alone, leaving the global RNG as it was: the same
+    ``seed`` gives every model of the package the same backbone (stream 0) and router (stream 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + stream + 2**40)
+        yield
 
+
+class LanguageModel(LightningModule):
+    """Base of ``PragnosiaLM``, ``GlobalMoE`` and ``DenseLM``: backbone, shared AdamW, validation metrics.
+
+    The backbone is initialised from ``seed`` (not from the global RNG) and the shared AdamW's gradient is
+    clipped to ``grad_clip`` by its own norm, the same in every model (DESIGN §7).
     Subclasses implement ``forward(tokens) -> logits`` (evaluation path) and ``training_step``.
     Validation logs ``val/loss`` and ``val/bpb`` over all tokens and ``val/loss/<domain>``,
     ``val/bpb/<domain>`` per validation dataloader, named by the datamodule's ``val_domain_names``.
@@ -38,6 +51,8 @@ class LanguageModel(LightningModule):
         lr: float,
         weight_decay: float,
         max_len: int,
+        seed: int,
+        grad_clip: float,
     ) -> None:
         super().__init__()
         check_positive(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, lr=lr, max_len=max_len)
@@ -45,17 +60,30 @@ class LanguageModel(LightningModule):
             raise ValueError(f"model.n_shared_layers ({n_shared_layers}) must be ≥ 0")
         if d_model % n_heads:
             raise ValueError(f"model.d_model ({d_model}) must be divisible by model.n_heads ({n_heads})")
-        self.backbone = Backbone(vocab_size, d_model, n_shared_layers, n_heads, max_len)
+        if grad_clip < 0:
+            raise ValueError(f"model.grad_clip ({grad_clip}) must be ≥ 0 (0 disables clipping)")
+        with seeded(seed, 0):
+            self.backbone = Backbone(vocab_size, d_model, n_shared_layers, n_heads, max_len)
         self.val_losses: dict[str, MeanMetric] = {}
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters trained by the shared optimizer."""
         return list(self.parameters())
 
+    def undecayed_parameters(self) -> set[int]:
+        """Ids of matrices the shared AdamW must not decay (``GlobalMoE``'s experts: PragnosiaLM's Adam has none)."""
+        return set()
+
+    def clip_shared_gradients(self) -> None:
+        """Clip the shared parameters' gradient to ``grad_clip`` by its own norm (no-op at 0)."""
+        if self.hparams.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.shared_parameters(), self.hparams.grad_clip)
+
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        decay = [p for p in self.shared_parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.shared_parameters() if p.dim() < 2]
+        undecayed = self.undecayed_parameters()
+        decay = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in undecayed]
+        no_decay = [p for p in self.parameters() if p.dim() < 2 or id(p) in undecayed]
         groups = [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -1,4 +1,4 @@
-"""``PragnosiaLM``: the local-learning Mixture-of-Experts language model as a LightningModule."""
+"""``PragnosiaLM``: the Mixture-of-Experts LM whose experts live in an expert store, as a LightningModule."""
 
 from __future__ import annotations
 
@@ -7,42 +7,45 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
 from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
-from pragnosia_pl.distributed import sum_across_ranks, world_size
-from pragnosia_pl.expert_storage import ExpertStorage
-from pragnosia_pl.experts import ExpertLayout, make_expert_optimizer
-from pragnosia_pl.lm_base import LanguageModel, check_positive
-from pragnosia_pl.local_learning import LocalLearning, LocalOutcome, Readout, RoutedExpert, ThroughExperts
-from pragnosia_pl.model import FeedForward, init_weights
-from pragnosia_pl.router import Router
-
-STORES = ("device", "host", "disk")
-READOUTS = ("own", "mixture")
-WEIGHTINGS = ("expert", "batch")
+from pragnosia_pl.distributed import expert_group, sum_across_ranks, world_size
+from pragnosia_pl.expert_cache import ExpertCache
+from pragnosia_pl.expert_rule import ExpertRule, Objective, ThroughExperts
+from pragnosia_pl.experts import ExpertLayout, feed_forward_expert, make_expert_optimizer
+from pragnosia_pl.lm_base import LanguageModel, check_positive, seeded
+from pragnosia_pl.residency import ExpertResidency, StoreKind
+from pragnosia_pl.router import ExpertGroups, Router
+from pragnosia_pl.store import ExpertStore
 
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped: ``model.max_nonfinite`` consecutive steps had a non-finite loss or gradient."""
 
 
-class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
-    """Mixture-of-Experts LM whose experts learn from local losses and live in an expert store.
+class PragnosiaLM(LanguageModel):
+    """Mixture-of-Experts LM whose experts live in an expert store and pass through a few device slots.
 
-    Each training step routes the batch to a working set of ``expert_slots`` experts; each is loaded into a
-    device slot, trained on its own local loss (on the detached trunk output, through the detached head)
-    with its own optimizer state, and written back to the store when it leaves the cache. The shared parts
-    (embedding, trunk, router, head) take one AdamW step on the model's real LM loss. Device memory is
-    therefore O(``expert_cache``), not O(``num_experts``). A working set larger than the cache streams through
-    it, one expert after another, so ``expert_slots = n`` (plain per-token top-k routing) also trains in the
-    memory of ``expert_cache`` experts.
+    Each training step routes every token to its top-k experts and visits each touched expert once per pass,
+    in id order, with all of its tokens (DESIGN §3): the expert is loaded into one of ``expert_cache`` device
+    slots, updated with its own optimizer state, and written back to the store when it leaves the cache. The
+    shared parts (embedding, trunk, router, head) take one AdamW step on the LM loss. Device memory is therefore
+    O(``expert_cache``) experts, whatever ``num_experts`` is. Two objectives share the step:
+
+    - ``local`` (the seed's rule): each expert learns from its own loss through the detached head on its own
+      tokens; the LM loss sees its output detached. One store read per touched expert per step.
+    - ``exact``: each expert steps on the LM loss's gradient for it and the trunk also gets the gradient through
+      the experts' inputs: global backpropagation through the MoE, one expert at a time, equal to ``GlobalMoE``
+      with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``). Two store reads per touched expert.
 
     Args:
         vocab_size: token ids (256: bytes).
@@ -51,59 +54,44 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
         n_heads: attention heads.
         num_experts: n, experts in the store.
         num_active_experts: k, experts per token.
-        expert_slots: S, distinct experts per training step (k ≤ S ≤ n); default k. ``S = n`` (or ``"all"``, which
-            follows ``num_experts``): each token uses its own top-k of all experts (the working set is every expert
-            some token chose).
-        expert_cache: C, device slots (1 ≤ C); default S. With C < S the working set streams through the slots.
-        eval_expert_slots: working set for evaluation and generation (k ≤ · ≤ n); default S, as in training.
+        objective: ``local`` or ``exact`` (above).
+        expert_slots: optional cap S on the distinct experts of a training step (k ≤ S ≤ n): the S with the most
+            router mass over the batch, each token its top-k inside them. ``None``: each token its top-k of all n.
+            Evaluation and generation never cap (each token its own top-k: causal).
+        expert_cache: C, device slots; the touched experts stream through them.
+        micro_batch: sequences per trunk pass: the trunk's activations are kept (and recomputed in the backward
+            pass) for this many sequences at a time, so a large batch trains in the trunk memory of a small one.
+            ``None``: the whole batch in one pass.
         expert_hidden: hidden width of the default FFN expert; default 4·d.
         store: where experts live off the device: ``device`` (all resident, for comparison), ``host`` or ``disk``.
         store_dir: disk-store and snapshot location; default ``<log_dir>/expert_store``.
         keep_snapshots: store snapshots (one per checkpoint) to keep, plus the previous one while a checkpoint is
             being written (so a crash never leaves the last checkpoint without its experts); ``None`` keeps all.
-        expert_optimizer: ``sgd`` or ``adam``; its state lives in the expert's record.
-        local_lr: learning rate of the expert optimizers.
-        local_momentum: SGD momentum of the expert optimizers.
-        local_betas: Adam betas of the expert optimizers (the shared AdamW uses (0.9, 0.95)).
+        expert_optimizer: ``sgd`` or ``adam`` (betas (0.9, 0.95), the shared AdamW's); its state lives in the
+            expert's record. Untouched experts are not stepped and their state does not decay (lazy).
+        local_lr: learning rate of the expert optimizer.
         lr: learning rate of the shared AdamW.
         weight_decay: shared AdamW weight decay (matrices only).
         balance_coef: α of the load-balancing term.
-        gate: ``router`` (softmax over the chosen experts' logits) or ``uniform`` (1/k).
         router: ``product`` (product keys, memory flat in n) or ``flat`` (one logit per expert).
-        grad_clip: max norm of the shared gradient (0 disables).
+        grad_clip: max norm of the shared gradient, clipped by its own norm, and (``exact``) of each expert's
+            (0 disables).
         max_len: longest sequence the rotary table covers.
-        seed: expert e is initialised from ``(seed, e)``.
+        seed: the backbone and router come from ``seed`` and expert e from ``(seed, e)``, as in the baselines.
         consolidation: what the model keeps when the training domain changes
             (:class:`~pragnosia_pl.consolidation.ConsolidationConfig`: protected experts per domain, a per-domain
-            copy or a slowed/frozen lr of the shared parts, novelty detection); default: nothing, DESIGN §3's step.
-        max_nonfinite: a step whose local or shared loss or gradient is NaN/inf skips that update (the expert's
-            record is not written, the shared parameters keep their values); after this many consecutive such
-            steps training stops with :class:`NonFiniteLossError`. ``None``: never stop.
-        backprop_through_experts: the shared loss also reaches the trunk through each working-set expert's input
-            (the expert's parameters held at their pre-step values, so still no gradient reaches an expert), at
-            the cost of one more forward per expert and a copy of its parameters. With a working set larger than the
-            cache (C < S) the copies would make memory grow with S, so instead each expert is loaded again during
-            the backward pass, its input gradient taken, and only then its local step (the same result in O(C)
-            memory; under DDP the local steps come first and the Jacobian is the post-step one). Off: DESIGN §2's
-            detached ``o_e``. With
-            ``expert_optimizer=adam`` and a working set larger than k it closes most of the gap to
-            ``GlobalMoE`` (``scripts/results/quality``).
-        local_readout: what an expert's local loss reads: ``own`` (``h + o_e``, DESIGN §3) or ``mixture``
-            (``h + Σ_j g_j·o_j`` with the other experts' outputs detached, its own as ``g_e·o_e``: the gradient the
-            shared loss would give the expert, from its own loss; costs a first, forward-only pass over the working
-            set).
-        local_weighting: how an expert's step weighs its tokens: ``expert`` (its loss is the mean over its own
-            tokens, DESIGN §3: a step on 3 tokens is as large as one on 300) or ``batch`` (that mean's gradient
-            times the expert's share of the batch's tokens, N_e/N: each token weighs what it weighs in the shared
-            loss; with ``local_readout: mixture`` the expert's gradient is then exactly the shared loss's). Only
-            matters to SGD as a smaller step; to Adam it is the relative weight of steps.
+            copy or a slowed/frozen lr of the shared parts, novelty detection); default: nothing.
+        max_nonfinite: a step whose loss or gradient is NaN/inf skips that update (an expert's record is not
+            written, the shared parameters keep their values); after this many consecutive such steps training
+            stops with :class:`NonFiniteLossError`. ``None``: never stop.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
 
     Example::
 
-        model = PragnosiaLM(d_model=64, num_experts=1024, num_active_experts=2, store="disk")
+        model = PragnosiaLM(d_model=64, num_experts=1024, num_active_experts=2, objective="exact",
+                            expert_optimizer="adam", local_lr=1e-3, store="disk")
         trainer = Trainer(max_steps=100)
         trainer.fit(model, datamodule=TextDomains())
     """
@@ -116,170 +104,215 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
         n_heads: int = 4,
         num_experts: int = 32,
         num_active_experts: int = 2,
-        expert_slots: int | Literal["all"] | None = None,
-        expert_cache: int | None = None,
-        eval_expert_slots: int | None = None,
+        objective: Objective = "local",
+        expert_slots: int | None = None,
+        expert_cache: int = 8,
+        micro_batch: int | None = None,
         expert_hidden: int | None = None,
-        store: str = "host",
+        store: StoreKind = "host",
         store_dir: str | None = None,
         keep_snapshots: int | None = None,
-        expert_optimizer: str = "sgd",
+        expert_optimizer: Literal["sgd", "adam"] = "sgd",
         local_lr: float = 0.01,
-        local_momentum: float = 0.0,
-        local_betas: tuple[float, float] = (0.9, 0.999),
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         balance_coef: float = 0.01,
-        gate: str = "router",
-        router: str = "product",
+        router: Literal["product", "flat"] = "product",
         grad_clip: float = 1.0,
         max_len: int = 1024,
         seed: int = 0,
         consolidation: ConsolidationConfig | dict[str, Any] | None = None,
         max_nonfinite: int | None = 20,
-        backprop_through_experts: bool = False,
-        local_readout: str = "own",
-        local_weighting: str = "expert",
     ) -> None:
-        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len)
+        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len, seed, grad_clip)
         self.save_hyperparameters()
-        if expert_slots == "all":
-            expert_slots = num_experts
-        self.expert_slots = num_active_experts if expert_slots is None else expert_slots
-        self.expert_cache_size = self.expert_slots if expert_cache is None else expert_cache
-        self.eval_expert_slots = self.expert_slots if eval_expert_slots is None else eval_expert_slots
+        self.expert_slots = expert_slots
         self.expert_hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(
             num_experts=num_experts,
             num_active_experts=num_active_experts,
-            expert_slots=self.expert_slots,
-            expert_cache=self.expert_cache_size,
-            eval_expert_slots=self.eval_expert_slots,
+            expert_cache=expert_cache,
             expert_hidden=self.expert_hidden,
             local_lr=local_lr,
         )
-        if num_active_experts > self.expert_slots:
+        if num_active_experts > num_experts:
             raise ValueError(
-                f"model.num_active_experts ({num_active_experts}) must be ≤ model.expert_slots ({self.expert_slots})"
+                f"model.num_active_experts ({num_active_experts}) must be ≤ model.num_experts ({num_experts})"
             )
-        if self.expert_slots > num_experts:
-            raise ValueError(f"model.expert_slots ({self.expert_slots}) must be ≤ model.num_experts ({num_experts})")
-        if not num_active_experts <= self.eval_expert_slots <= num_experts:
+        if expert_slots is not None and not num_active_experts <= expert_slots <= num_experts:
             raise ValueError(
-                f"model.eval_expert_slots ({self.eval_expert_slots}) must be between model.num_active_experts "
-                f"({num_active_experts}) and model.num_experts ({num_experts})"
+                f"model.expert_slots ({expert_slots}) must be between model.num_active_experts ({num_active_experts})"
+                f" and model.num_experts ({num_experts}), or null (no cap)"
             )
-        if local_readout not in READOUTS:
-            raise ValueError(f"model.local_readout ({local_readout!r}) must be one of: {', '.join(READOUTS)}")
-        if local_weighting not in WEIGHTINGS:
-            raise ValueError(f"model.local_weighting ({local_weighting!r}) must be one of: {', '.join(WEIGHTINGS)}")
-        if store not in STORES:
-            raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORES)}")
-        if keep_snapshots is not None and keep_snapshots < 1:
-            raise ValueError(f"model.keep_snapshots ({keep_snapshots}) must be ≥ 1 or null (keep all)")
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"model.micro_batch ({micro_batch}) must be ≥ 1 or null (the whole batch)")
+        if store not in ("device", "host", "disk"):
+            raise ValueError(f"model.store ({store!r}) must be one of: device, host, disk")
         if max_nonfinite is not None and max_nonfinite < 1:
             raise ValueError(f"model.max_nonfinite ({max_nonfinite}) must be ≥ 1 or null (never stop)")
         self.automatic_optimization = False
-        self.router = Router(d_model, num_experts, num_active_experts, gate=gate, router=router)
+        with seeded(seed, 1):
+            self.router = Router(d_model, num_experts, num_active_experts, router=router)
         self.consolidation = Consolidation(
-            ConsolidationConfig.of(consolidation), num_experts, num_active_experts, self.expert_slots
+            ConsolidationConfig.of(consolidation), num_experts, num_active_experts, expert_slots or num_experts
         )
         self.hparams["consolidation"] = asdict(self.consolidation.config)  # plain types: weights-only checkpoints
-        self.expert_optimizer = make_expert_optimizer(expert_optimizer, local_lr, local_momentum, tuple(local_betas))
-        self.layout = ExpertLayout(self.build_expert, self.expert_optimizer, seed)
-        self.usage: Counter[int] = Counter()
-        self._init_storage()
-        self._epoch_selections: list[int] = []
+        self.layout = ExpertLayout(self.build_expert, make_expert_optimizer(expert_optimizer, local_lr), seed)
+        self.rule = ExpertRule(objective, self.layout, self.layout.optimizer, grad_clip, self.local_loss)
+        self.residency = ExpertResidency(
+            store,
+            num_experts,
+            self.layout.record_numel,
+            self.layout.init_record,
+            capacity=expert_cache,
+            store_dir=store_dir,
+            keep_snapshots=keep_snapshots,
+            default_root=self._log_root,
+            checkpoint_path=lambda: self.checkpoint_file,
+        )
+        self.checkpoint_file: str | None = None  # set by `pragnosia generate`, else the trainer's ckpt_path
+        self.usage: Counter[int] = Counter()  # steps each expert was touched in, since the run began
+        self._epoch_usage: Counter[int] = Counter()
         self.skipped_expert_updates = 0  # non-finite local losses or gradients, since the run began
         self.skipped_shared_updates = 0
         self._nonfinite_streak = 0  # consecutive steps with a skipped update
 
     def build_expert(self) -> nn.Module:
         """A freshly initialised expert ``(N, d) -> (N, d)``; override for another expert architecture."""
-        expert = FeedForward(self.hparams.d_model, self.expert_hidden)
-        expert.apply(init_weights)
-        return expert
+        return feed_forward_expert(self.hparams.d_model, self.expert_hidden)
+
+    def local_loss(self, h_e: torch.Tensor, expert_out: torch.Tensor, targets_e: torch.Tensor) -> torch.Tensor:
+        """The ``local`` objective: ``CE(head(norm(h_e + o_e)), y_e)`` through the detached head, on the expert's
+        tokens ``h_e`` (N_e, d): a gradient for the expert alone. Override for another local objective."""
+        return F.cross_entropy(self.backbone.detached_logits(h_e + expert_out), targets_e)
+
+    def experts(self) -> ExpertCache:
+        """The expert cache on this module's device (built, and restored from a checkpoint, on first use)."""
+        return self.residency.cache(self.device)
+
+    @property
+    def store(self) -> ExpertStore:
+        """The expert store (built on first use)."""
+        self.experts()
+        return self.residency.store
+
+    def memory_stats(self) -> dict[str, float]:
+        """Flat counters for ``MemoryMonitor``: resident and materialized experts, ``store_reads``,
+        ``expert_updates``, bytes moved, cache hits."""
+        stats = self.residency.memory_stats()
+        return {**stats, "expert_updates": float(self.rule.updates)} if stats else stats
 
     # ----------------------------------------------------------------------------------------------- training
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokens, targets = batch  # (B, T), (B, T)
-        cache = self.experts()
-        optimizer = self.optimizers()
-
-        h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
+        cache, optimizer = self.experts(), self.optimizers()
         targets = targets.flatten()  # (N,)
-        if self.consolidation.enabled:
-            self._observe_domain(h, targets)
-        candidates = self.consolidation.training_candidates(h, self.router, reduce=sum_across_ranks)  # (m,) | None
-        routing = self.router(  # every rank: the same working set
-            h, self.expert_slots, mass_hook=sum_across_ranks, candidates=candidates
-        )
-        working_set = routing.working_set.tolist()
+        exact = self.rule.objective == "exact"
 
-        h_in = h.detach()  # experts never see the trunk's graph
-        mixture = torch.zeros_like(h_in)  # (N, d) Σ_e g_e · o_e
-        through_experts = self.hparams.backprop_through_experts
-        # A working set larger than the cache has no room for each expert's pre-step copy in the graph: the trunk's
-        # gradient through the experts is then taken in the backward pass, reloading them one at a time, and in one
-        # process their local steps wait for it (exact); under DDP they do not (post-step Jacobian).
-        streamed = through_experts and len(working_set) > cache.capacity
-        deferred = streamed and world_size() == 1
-        placed = [routing.tokens_of(position) for position in range(len(working_set))]  # (N_e,), (N_e,) each
-        outputs = None  # every expert's pre-step output, when a first pass computed them
-        if self.hparams.local_readout == "mixture":
-            context, outputs = self._detached_mixture(h_in, working_set, placed)  # (N, d), [(N_e, d)]
-        experts: list[RoutedExpert] = []
-        outcome = LocalOutcome()
-        for position, (expert_id, (token_idx, gate)) in enumerate(zip(working_set, placed)):
-            record = cache.load(expert_id)
-            if position + 1 < len(working_set):
-                cache.prefetch(working_set[position + 1])
-            readout = None if outputs is None else Readout(context[token_idx], gate.detach())
-            routed = RoutedExpert(expert_id, token_idx, gate.detach(), readout)
-            experts.append(routed)
-            if deferred and outputs is not None:
-                expert_out = outputs[position]
-            elif deferred:
-                with torch.no_grad():
-                    expert_out = self.layout.forward(self.layout.split(record)[0], h_in[token_idx])  # (N_e, d)
-            else:
-                pre_step = self.layout.split(record)[0].clone() if through_experts and not streamed else None
-                expert_out = self._train_expert(record, routed, h_in, targets, outcome)
-                if pre_step is not None:  # same values; a graph into the trunk, none into the expert
-                    expert_out = self.layout.forward(pre_step, h[token_idx])  # (N_e, d)
-            mixture = mixture.index_add(0, token_idx, gate[:, None] * expert_out)  # gates carry the router's grad
+        # 1. trunk and routing: every token to its top-k experts, grouped by expert in id order
+        h = self._trunk(tokens)  # (N, d)
+        if exact and not h.requires_grad:  # shared parts frozen (consolidation): the experts still need dL/dz
+            h = h.detach().requires_grad_(True)
+        groups, balance_loss = self._route(h, targets)
+        h_in = h.detach()  # the experts never see the trunk's graph
 
+        # 2. expert pass 1: each touched expert once, with all its tokens (local: its update too)
+        expert_out, local_losses = self._first_pass(cache, groups, h_in, targets)  # (N·k, d)
+
+        # 3. shared loss: the mixture's gradient reaches the router through the gates, no expert through o_e
+        mixture = torch.zeros_like(h_in).index_add(0, groups.token_idx, groups.gates[:, None] * expert_out)  # (N, d)
         z = h + mixture  # (N, d)
-        if streamed:  # adds nothing forward; backward: the trunk's gradient through every expert, one at a time
-            train = partial(self._train_expert, h_in=h_in, targets=targets, outcome=outcome) if deferred else None
-            z = z + ThroughExperts.apply(h, partial(self._input_grad_through_experts, h_in, experts, train))
+        if exact:  # 4. expert pass 2, inside the backward pass: each expert's update and its input gradient
+            z = z + ThroughExperts.apply(h, partial(self._second_pass, cache, groups, h_in))
         lm_loss = F.cross_entropy(self.backbone.logits(z), targets)
-        loss = lm_loss + self.hparams.balance_coef * routing.balance_loss
+        loss = lm_loss + self.hparams.balance_coef * balance_loss
+
+        # 5. backward (head, router, experts' second pass, trunk) and the shared update
         optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # not when consolidation froze every shared parameter
+        if loss.requires_grad:  # not when consolidation froze every shared parameter (local)
             self.manual_backward(loss)
-        if deferred and not outcome.local_losses:  # no backward pass ran: the local steps still must
-            for routed in experts:
-                self._train_expert(cache.load(routed.expert_id), routed, h_in, targets, outcome)
-        local_losses, skipped_experts = outcome.local_losses, outcome.skipped_experts
         shared_updated = self._shared_update_is_finite(loss)
         if not shared_updated:
             # Still step: Lightning counts optimizer steps as global steps (one per batch), and AdamW leaves every
             # parameter without a gradient, and its state, untouched.
             optimizer.zero_grad(set_to_none=True)
-        elif self.hparams.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm")
+        else:
+            self.clip_shared_gradients()
         optimizer.step()
-        self._count_skipped_updates(skipped_experts, shared_updated)
+        self._count_skipped_updates(shared_updated)
 
-        self.usage.update(working_set)
-        self._epoch_selections.extend(working_set)
+        self.usage.update(groups.expert_ids)
+        self._epoch_usage.update(groups.expert_ids)
         self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
-        self.log("train/local_loss", torch.stack(local_losses).mean())
-        self.log("train/balance_loss", routing.balance_loss.detach())
+        if local_losses:
+            self.log("train/local_loss", torch.stack(local_losses).mean())
+        self.log("train/balance_loss", balance_loss.detach())
+        self.log("train/touched_experts", float(len(groups.expert_ids)))
         return loss.detach()
+
+    def _trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``h`` (N, d): the trunk over ``micro_batch`` sequences at a time, each recomputed in the backward pass,
+        so only one micro-batch's activations are ever held."""
+        micro_batch = self.hparams.micro_batch
+        if micro_batch is None or micro_batch >= tokens.size(0) or not torch.is_grad_enabled():
+            return self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
+        parts = [checkpoint(self.backbone.trunk, part, use_reentrant=False) for part in tokens.split(micro_batch)]
+        return torch.cat(parts).flatten(0, 1)  # (N, d)
+
+    def _route(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[ExpertGroups, torch.Tensor]:
+        if self.consolidation.enabled:
+            self._observe_domain(h, targets)
+        candidates = self.consolidation.training_candidates(h, self.router, reduce=sum_across_ranks)  # (m,) | None
+        routing = self.router(  # every rank: the same experts (the union of theirs), the same order
+            h, self.expert_slots, mass_hook=sum_across_ranks if world_size() > 1 else None, candidates=candidates
+        )
+        return routing.groups(), routing.balance_loss
+
+    def _first_pass(
+        self, cache: ExpertCache, groups: ExpertGroups, h_in: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every touched expert's output at its tokens, in ``groups``' row order (N·k, d), detached; ``local``:
+        each expert's update on its local loss, and those losses."""
+        expert_out = h_in.new_empty(groups.token_idx.numel(), h_in.size(1))  # (N·k, d)
+        local_losses: list[torch.Tensor] = []
+        for position, (expert_id, record) in enumerate(cache.stream(groups.expert_ids)):
+            rows = groups.rows(position)
+            token_idx = groups.token_idx[rows]  # (N_e,)
+            if self.rule.objective == "exact":
+                with torch.no_grad():
+                    expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h_in[token_idx])
+                continue
+            out, local_loss, updated = self.rule.local_step(record, h_in[token_idx], targets[token_idx])
+            expert_out[rows] = out
+            local_losses.append(local_loss)
+            self._after_update(cache, expert_id, updated)
+        return expert_out, local_losses
+
+    def _second_pass(
+        self, cache: ExpertCache, groups: ExpertGroups, h_in: torch.Tensor, grad_z: torch.Tensor
+    ) -> torch.Tensor:
+        """``exact``: each touched expert steps on the LM loss's gradient for it; returns the trunk's gradient
+        through the experts, ``Σ_e J_e(h)ᵀ (g_e · dL/dz)`` (N, d). Visits the experts in descending id order,
+        so the ones the first pass left in the cache are hits."""
+        grad_h = torch.zeros_like(h_in)  # (N, d)
+        gates = groups.gates.detach()
+        order = list(reversed(range(len(groups.expert_ids))))
+        for position, (expert_id, record) in zip(order, cache.stream(groups.expert_ids[::-1])):
+            rows = groups.rows(position)
+            token_idx = groups.token_idx[rows]  # (N_e,)
+            grad_out = gates[rows, None] * grad_z[token_idx]  # (N_e, d)
+            grad_in, updated = self.rule.exact_step(record, h_in[token_idx], grad_out)
+            grad_h.index_add_(0, token_idx, grad_in)
+            self._after_update(cache, expert_id, updated)
+        return grad_h
+
+    def _after_update(self, cache: ExpertCache, expert_id: int, updated: bool) -> None:
+        if updated:
+            cache.mark_dirty(expert_id)
+        else:
+            self.rule.skipped.append(expert_id)  # its slot still equals its record: no write-back
 
     def on_domain_switch(self, previous: str, new: str) -> None:
         """The training domain changed (``callbacks.DomainSwitcher`` calls this): the consolidation policy acts."""
@@ -325,7 +358,8 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
         # ranks differ in their loss: skip on all of them if any sees a non-finite one (replicas stay identical)
         return not bool(sum_across_ranks((~finite).float().reshape(1)))
 
-    def _count_skipped_updates(self, skipped_experts: list[int], shared_updated: bool) -> None:
+    def _count_skipped_updates(self, shared_updated: bool) -> None:
+        skipped_experts, self.rule.skipped = self.rule.skipped, []
         self.skipped_expert_updates += len(skipped_experts)
         self.skipped_shared_updates += not shared_updated
         self.log("train/skipped_expert_updates", float(self.skipped_expert_updates))
@@ -336,7 +370,7 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
         self._nonfinite_streak += 1
         limit = self.hparams.max_nonfinite
         if limit is not None and self._nonfinite_streak >= limit:
-            what = [f"the local updates of experts {skipped_experts}"] if skipped_experts else []
+            what = [f"the updates of experts {skipped_experts}"] if skipped_experts else []
             what += [] if shared_updated else ["the shared update"]
             raise NonFiniteLossError(
                 f"training stopped at step {self.global_step}: {self._nonfinite_streak} consecutive steps had a "
@@ -349,13 +383,15 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
         counts = torch.tensor(list(self.usage.values()), dtype=torch.float64)
         if counts.numel():
             p = counts / counts.sum()
-            # the same on every rank (one working set for all); sync_dist only tells Lightning so
+            # the same on every rank (one set of experts for all); sync_dist only tells Lightning so
             self.log("train/expert_entropy", -(p * p.log()).sum().float(), sync_dist=True)
             self.log("train/experts_used", float(counts.numel()), sync_dist=True)
         experiment = getattr(self.logger, "experiment", None)
-        if self._epoch_selections and hasattr(experiment, "add_histogram"):
-            experiment.add_histogram("experts/usage", torch.tensor(self._epoch_selections), self.global_step)
-        self._epoch_selections.clear()
+        if self._epoch_usage and hasattr(experiment, "add_histogram"):
+            ids, uses = zip(*sorted(self._epoch_usage.items()))
+            selections = torch.repeat_interleave(torch.tensor(ids), torch.tensor(uses))  # each expert id per use
+            experiment.add_histogram("experts/usage", selections, self.global_step)
+        self._epoch_usage.clear()
 
     # --------------------------------------------------------------------------------------------- evaluation
 
@@ -384,20 +420,14 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
         return self.consolidation.mix(log_probs, tokens, self.consolidation.config.domain_switch_rate)  # (B, T, V)
 
     def _expert_mixture(self, h: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """``Σ_e g_e · expert_e(h)`` (N, d) over the routed experts (among ``candidates``), through the slots."""
-        cache = self.experts()
-        routing = self.router(h, self.eval_expert_slots, candidates=candidates)
-        working_set = routing.working_set.tolist()
-        mixture = torch.zeros_like(h)  # (N, d)
-        for position, expert_id in enumerate(working_set):
-            token_idx, gate = routing.tokens_of(position)
-            if token_idx.numel() == 0:
-                continue
-            params = self.layout.split(cache.load(expert_id))[0]
-            if position + 1 < len(working_set):
-                cache.prefetch(working_set[position + 1])
-            mixture = mixture.index_add(0, token_idx, gate[:, None] * self.layout.forward(params, h[token_idx]))
-        return mixture
+        """``Σ_e g_e · expert_e(h)`` (N, d): each token's own top-k experts (among ``candidates``), so no token's
+        experts depend on later tokens; the touched experts stream through the device slots in id order."""
+        groups = self.router(h, candidates=candidates).groups()
+        expert_out = h.new_empty(groups.token_idx.numel(), h.size(1))  # (N·k, d)
+        for position, (_, record) in enumerate(self.experts().stream(groups.expert_ids)):
+            rows = groups.rows(position)
+            expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h[groups.token_idx[rows]])
+        return torch.zeros_like(h).index_add(0, groups.token_idx, groups.gates[:, None] * expert_out)  # (N, d)
 
     @contextmanager
     def _shared_weights(self, snapshot: list[torch.Tensor] | None) -> Iterator[None]:
@@ -417,9 +447,26 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
                 for param, saved in zip(params, live):
                     param.copy_(saved)
 
+    # ------------------------------------------------------------------------------------- checkpoints, setup
+
+    @override
+    def setup(self, stage: str) -> None:
+        # One run id on every rank: rank r's live replica and rank 0's snapshots are named after it.
+        self.residency.run_id = self.trainer.strategy.broadcast(self.residency.run_id)
+        if self.rule.group is None:
+            self.rule.group = expert_group()
+
+    def _log_root(self) -> Path | None:
+        """``<log_dir>/expert_store`` of the run, the default home of the store and its snapshots."""
+        if self._trainer is None:
+            return None
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "expert_store"
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # the store snapshot
+        super().on_save_checkpoint(checkpoint)
+        self.experts()
+        checkpoint["expert_store"] = self.residency.save(self.global_step)
         checkpoint["consolidation"] = self.consolidation.state_dict()
         checkpoint["skipped_updates"] = {
             "experts": self.skipped_expert_updates,
@@ -437,4 +484,14 @@ class PragnosiaLM(LocalLearning, ExpertStorage, LanguageModel):
             self.consolidation.load_state_dict(checkpoint["consolidation"])
             for param in self.parameters():
                 param.requires_grad_(self.consolidation.shared_lr_factor > 0)
-        super().on_load_checkpoint(checkpoint)  # the store snapshot, restored now or on first use
+        if self.checkpoint_file is None and self._trainer is not None:
+            self.checkpoint_file = self.trainer.ckpt_path
+        self.residency.load(checkpoint.get("expert_store"))  # the store snapshot, restored now or on first use
+
+    @override
+    def on_fit_end(self) -> None:
+        self.residency.prune(self.residency.root() / "snapshots")  # root(): on every rank (a collective)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        self.residency.flush()

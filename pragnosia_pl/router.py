@@ -1,82 +1,94 @@
-"""Routing: the router scores the n experts, a step keeps a working set of S, each token takes k inside it.
+"""Routing: the router scores the n experts, each token takes its top-k, and a step visits its experts in id order.
 
-Shape legend: N = B·T tokens, d width, n experts, k experts per token, S working set (k ≤ S ≤ n),
-n1·n2 ≥ n the two key sets of the product-key router.
+Shape legend: N = B·T tokens, d width, n experts, k experts per token, S experts touched by the step
+(S ≤ min(n, N·k)), C candidate experts, n1·n2 ≥ n the two key sets of the product-key router.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATES = ("router", "uniform")
 ROUTERS = ("product", "flat")
+
+
+class ExpertGroups(NamedTuple):
+    """The step's (token, expert) pairs grouped by expert, experts in ascending id order.
+
+    Expert ``expert_ids[s]`` owns the rows ``offsets[s]:offsets[s + 1]`` of ``token_idx`` and ``gates``.
+    """
+
+    expert_ids: list[int]  # (S,) ascending
+    offsets: list[int]  # (S + 1,)
+    token_idx: torch.Tensor  # (N·k,) token of each pair, ascending within an expert
+    gates: torch.Tensor  # (N·k,) its gate, differentiable w.r.t. the router
+
+    def rows(self, position: int) -> slice:
+        return slice(self.offsets[position], self.offsets[position + 1])
 
 
 class Routing(NamedTuple):
     """One routing decision.
 
-    ``working_set[s]`` is the expert at working-set position s; ``positions[t, j]`` is the position of
-    token t's j-th expert and ``gates[t, j]`` its weight (differentiable w.r.t. the router).
+    ``working_set[s]`` is the s-th touched expert (ascending ids); ``positions[t, j]`` is the position of
+    token t's j-th expert in it and ``gates[t, j]`` its weight (differentiable w.r.t. the router).
     """
 
-    working_set: torch.Tensor  # (S,) expert ids
+    working_set: torch.Tensor  # (S,) expert ids, ascending
     positions: torch.Tensor  # (N, k) into working_set
     gates: torch.Tensor  # (N, k)
     balance_loss: torch.Tensor  # () n·Σ f_i·P_i, without α
 
-    def tokens_of(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens routed to working-set position ``position`` and their gates: ``(N_e,)``, ``(N_e,)``."""
-        chosen = self.positions == position  # (N, k)
-        token_idx = chosen.any(dim=-1).nonzero().squeeze(-1)  # (N_e,)
-        gate = (self.gates * chosen).sum(dim=-1)[token_idx]  # (N_e,)
-        return token_idx, gate
+    def groups(self) -> ExpertGroups:
+        """Every (token, expert) pair sorted by expert: one host sync for the whole step, not one per expert."""
+        k = self.positions.size(1)
+        order = self.positions.flatten().argsort(stable=True)  # (N·k,)
+        counts = torch.bincount(self.positions.flatten(), minlength=self.working_set.numel())  # (S,)
+        offsets = [0, *torch.cumsum(counts, 0).tolist()]
+        return ExpertGroups(self.working_set.tolist(), offsets, order // k, self.gates.flatten()[order])
 
 
 MassHook = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Router(nn.Module):
-    """Router over n experts with a per-step working set.
+    """Per-token top-k router over n experts, optionally within a cap of S experts per step.
 
     ``router="flat"`` is the standard linear router (logits over all n: its parameters and its (N, n)
     activations grow with n). ``router="product"`` scores experts with product keys: expert
     ``e = i·n2 + j`` has logit ``a_i + b_j`` from two linear maps of size n1, n2 ≈ √n, so its softmax
     factorises ``p(e) = p1(i)·p2(j)`` and nothing of size N·n is ever built. That keeps the shared parts of
-    the model — and device memory — flat in n.
+    the model, and device memory, flat in n. Gates are the softmax over each token's chosen logits.
 
     Args:
         d_model: width d of the hidden states it reads.
         num_experts: n.
         num_active_experts: k, experts per token.
-        gate: ``"router"`` (softmax over the token's chosen logits) or ``"uniform"`` (1/k).
         router: ``"product"`` or ``"flat"``.
 
     Raises:
-        ValueError: if ``gate`` or ``router`` is not one of its choices.
+        ValueError: if ``router`` is not one of its choices.
 
     Example::
 
         router = Router(d_model=64, num_experts=1024, num_active_experts=2)
-        routing = router(h, expert_slots=2)  # every token uses the same 2 experts this step
+        routing = router(h)  # each token its top-2 of all 1024 experts
+        groups = routing.groups()  # the touched experts in id order, each with all of its tokens
     """
 
     def __init__(
-        self, d_model: int, num_experts: int, num_active_experts: int, gate: str = "router", router: str = "product"
+        self, d_model: int, num_experts: int, num_active_experts: int, router: Literal["product", "flat"] = "product"
     ) -> None:
         super().__init__()
-        if gate not in GATES:
-            raise ValueError(f"model.gate ({gate!r}) must be one of: {', '.join(GATES)}")
         if router not in ROUTERS:
             raise ValueError(f"model.router ({router!r}) must be one of: {', '.join(ROUTERS)}")
         self.num_experts = num_experts
         self.k = num_active_experts
-        self.gate = gate
         self.kind = router
         if router == "flat":
             self.keys = (num_experts,)
@@ -89,64 +101,57 @@ class Router(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        expert_slots: int,
+        expert_slots: int | None = None,
         mass_hook: MassHook | None = None,
         candidates: torch.Tensor | None = None,
     ) -> Routing:
-        """Route ``h`` (N, d) through a working set of ``expert_slots`` experts.
+        """Route each token of ``h`` (N, d) to its top-k experts.
 
-        With ``expert_slots ≥ n`` this is plain per-token top-k over all experts. ``mass_hook`` receives the
-        per-expert router mass (per-token top-k: the number of tokens that chose each expert) and returns the
-        mass to choose from (distributed training all-reduces it so every rank picks the same working set).
-        ``candidates`` (C,) restricts the working set to those expert ids (one domain's experts, DESIGN §3):
-        the top-S of them by router mass, each token takes its top-k inside, and experts no token took are
-        dropped (so no expert trains on zero tokens); the mass is then only computed for the C candidates.
+        ``expert_slots`` S caps the distinct experts of the step: the S with the most router mass over the
+        batch, inside which each token takes its top-k (``None``: no cap, each token its top-k of all n).
+        ``candidates`` (C,) restricts every choice to those expert ids (one domain's experts, DESIGN §3).
+        ``mass_hook`` receives per-expert sums (router mass, tokens taken) and returns the sums to decide on:
+        distributed training all-reduces them, so every rank visits the same experts (the union of theirs).
         """
         scores = self.proj(h).float().split(self.keys, dim=-1)  # (N, n1), (N, n2)
         log_probs = [F.log_softmax(s, dim=-1) for s in scores]
-        if candidates is not None:
-            working_set, positions = self._within(log_probs, candidates, expert_slots, mass_hook)
-        elif expert_slots >= self.num_experts:
-            working_set, positions = self._per_token_topk(log_probs, mass_hook)
-        else:
-            mass = self._mass([lp.detach().exp() for lp in log_probs])  # (n,)
+        pool = candidates
+        if expert_slots is not None and expert_slots < (self.num_experts if pool is None else pool.numel()):
+            if pool is None:
+                mass = self._mass([lp.detach().exp() for lp in log_probs])  # (n,)
+            else:
+                mass = self._log_prob_at(log_probs, pool).detach().exp().sum(dim=0)  # (C,)
             if mass_hook is not None:
                 mass = mass_hook(mass)
-            working_set = mass.topk(expert_slots).indices  # (S,)
-            in_set = self._log_prob_at(log_probs, working_set).detach()  # (N, S)
-            positions = in_set.topk(self.k, dim=-1).indices  # (N, k)
-        if self.gate == "router":
-            chosen = self._value_at(scores, working_set[positions])  # (N, k) summed key logits
-            gates = F.softmax(chosen, dim=-1)  # (N, k)
+            top = mass.topk(expert_slots).indices  # (S,)
+            pool = top if pool is None else pool[top]
+        if pool is None:
+            chosen = self._per_token_topk(log_probs)  # (N, k) expert ids
         else:
-            gates = torch.full(positions.shape, 1.0 / self.k, device=h.device)  # (N, k)
+            if self.k > pool.numel():
+                raise ValueError(f"{pool.numel()} candidate experts cannot give each token k={self.k}")
+            best = self._log_prob_at(log_probs, pool).detach().topk(self.k, dim=-1).indices  # (N, k)
+            chosen = pool[best]  # (N, k)
+        working_set = self._touched(chosen, mass_hook)  # (S,) ascending
+        positions = torch.searchsorted(working_set, chosen)  # (N, k)
+        gates = F.softmax(self._value_at(scores, chosen), dim=-1)  # (N, k) over the chosen summed key logits
         prob_in_set = self._mean_prob(log_probs, working_set)  # (S,) P_i
         fraction = torch.bincount(positions.flatten(), minlength=working_set.numel()).float() / positions.numel()
         balance_loss = self.num_experts * (fraction * prob_in_set).sum()  # fraction: (S,) f_i
         return Routing(working_set, positions, gates, balance_loss)
+
+    def _touched(self, chosen: torch.Tensor, mass_hook: MassHook | None) -> torch.Tensor:
+        """The experts some token chose (on some rank, through ``mass_hook``), ascending: (S,)."""
+        if mass_hook is None:
+            return chosen.unique()
+        taken = mass_hook(torch.bincount(chosen.flatten(), minlength=self.num_experts).float())  # (n,)
+        return taken.nonzero().squeeze(-1)
 
     @torch.no_grad()
     def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
         """Router probability mass of every expert summed over the tokens ``h`` (N, d): (n,)."""
         scores = self.proj(h).float().split(self.keys, dim=-1)
         return self._mass([F.softmax(s, dim=-1) for s in scores])  # (n,)
-
-    def _within(
-        self, log_probs: list[torch.Tensor], candidates: torch.Tensor, expert_slots: int, mass_hook: MassHook | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k > candidates.numel():
-            raise ValueError(f"{candidates.numel()} candidate experts cannot give each token k={self.k}")
-        mass = self._log_prob_at(log_probs, candidates).detach().exp().sum(dim=0)  # (C,)
-        if mass_hook is not None:
-            mass = mass_hook(mass)
-        working_set = candidates[mass.topk(min(expert_slots, candidates.numel())).indices]  # (S,)
-        positions = self._log_prob_at(log_probs, working_set).detach().topk(self.k, dim=-1).indices  # (N, k)
-        taken = torch.bincount(positions.flatten(), minlength=working_set.numel()).float()  # (S,)
-        if mass_hook is not None:
-            taken = mass_hook(taken)
-        kept = taken > 0
-        new_position = kept.long().cumsum(0) - 1  # (S,) position among the kept experts
-        return working_set[kept], new_position[positions]  # (S',), (N, k)
 
     def _split(self, experts: torch.Tensor) -> list[torch.Tensor]:
         if self.kind == "flat":
@@ -180,22 +185,26 @@ class Router(nn.Module):
         joint = probs[0].t() @ probs[1]  # (n1, n2) Σ_t p1_t(i)·p2_t(j)
         return joint.flatten()[: self.num_experts]  # (n,)
 
-    def _per_token_topk(
-        self, log_probs: list[torch.Tensor], mass_hook: MassHook | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _per_token_topk(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
+        """Each token's k most probable experts of all n: (N, k) ids.
+
+        Product keys: expert ``i·n2 + j`` exists for every j in the rows i < n1 - 1 and for j < r in the last
+        row (n = (n1 - 1)·n2 + r). A top-k expert of the full rows pairs a top-k row among them with a top-k
+        column; one of the last row pairs it with a top-k column among the first r. Those ≤ k² + k
+        candidates hold the exact top-k, and none of them is out of range.
+        """
         if self.kind == "flat":
-            experts = log_probs[0].topk(self.k, dim=-1).indices  # (N, k)
-        else:
-            k1, k2 = (min(self.k, n) for n in self.keys)
-            top1, top2 = log_probs[0].topk(k1, dim=-1), log_probs[1].topk(k2, dim=-1)
-            combined = top1.values[:, :, None] + top2.values[:, None, :]  # (N, k1, k2)
-            ids = top1.indices[:, :, None] * self.keys[1] + top2.indices[:, None, :]  # (N, k1, k2)
-            combined = combined.masked_fill(ids >= self.num_experts, float("-inf")).flatten(1)
-            best = combined.topk(self.k, dim=-1).indices  # (N, k)
-            experts = ids.flatten(1).gather(1, best)  # (N, k)
-        if mass_hook is None:
-            working_set, inverse = experts.unique(return_inverse=True)
-            return working_set, inverse  # (S,), (N, k)
-        chosen = mass_hook(torch.bincount(experts.flatten(), minlength=self.num_experts).float())  # (n,)
-        working_set = chosen.nonzero().squeeze(-1)  # (S,) every expert some token chose (on some rank)
-        return working_set, torch.searchsorted(working_set, experts)  # (S,), (N, k)
+            return log_probs[0].topk(self.k, dim=-1).indices  # (N, k)
+        lp1, lp2 = log_probs
+        n1, n2 = self.keys
+        last_row, r = n1 - 1, self.num_experts - (n1 - 1) * n2
+        values, ids = [], []
+        if last_row > 0:  # the full rows
+            rows, cols = lp1[:, :last_row].topk(min(self.k, last_row)), lp2.topk(min(self.k, n2))
+            values.append((rows.values[:, :, None] + cols.values[:, None, :]).flatten(1))  # (N, k1·k2)
+            ids.append((rows.indices[:, :, None] * n2 + cols.indices[:, None, :]).flatten(1))
+        cols = lp2[:, :r].topk(min(self.k, r))  # the last row
+        values.append(lp1[:, last_row : last_row + 1] + cols.values)  # (N, kr)
+        ids.append(last_row * n2 + cols.indices)
+        best = torch.cat(values, dim=1).topk(self.k, dim=-1).indices  # (N, k)
+        return torch.cat(ids, dim=1).gather(1, best)  # (N, k)

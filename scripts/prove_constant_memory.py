@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = dict(steps=args.steps, warmup=args.warmup, store=store, malloc_trim_threshold=trim)
     if args.quick:
         shared.update(d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=200_000)
-    pragnosia = {"expert_slots": "all", **args.pragnosia} if args.per_token else args.pragnosia
+    pragnosia = {"expert_slots": None, **args.pragnosia} if args.per_token else args.pragnosia
     ours = dict(router=args.router, expert_cache=args.expert_cache, pragnosia=pragnosia)
     specs = [RunSpec("pragnosia", n, **ours, **shared) for n in sorted(args.experts)]
     specs += [RunSpec("global", n, **shared) for n in sorted(args.experts) if n <= args.baseline_max_experts]

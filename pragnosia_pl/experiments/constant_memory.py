@@ -89,11 +89,12 @@ def build_model(spec: RunSpec):
     from pragnosia_pl import GlobalMoE, PragnosiaLM
 
     common = dict(d_model=spec.d_model, n_shared_layers=spec.n_shared_layers, n_heads=spec.n_heads,
-                  num_experts=spec.num_experts, num_active_experts=spec.num_active_experts, max_len=spec.block_size)
+                  num_experts=spec.num_experts, num_active_experts=spec.num_active_experts, max_len=spec.block_size,
+                  seed=spec.seed)
     if spec.model == "global":
         return GlobalMoE(**common)
     options = dict(expert_slots=spec.expert_slots, expert_cache=spec.expert_cache, store=spec.store,
-                   store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), seed=spec.seed, router=spec.router)
+                   store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), router=spec.router)
     return PragnosiaLM(**common, **{**options, **spec.pragnosia})
 
 

@@ -32,7 +32,7 @@ LICENSES_DIR = "/usr/share/common-licenses"
 GOALS = {"forgetting_ratio": 0.05, "final_ratio": 0.8, "plasticity_ratio": 1.10}
 
 # Each variant is a set of PragnosiaLM keyword arguments; "consolidation" is a ConsolidationConfig's fields.
-PROTECTED = {"expert_slots": 8, "expert_cache": 8, "eval_expert_slots": 8}  # a domain's whole group every step
+PROTECTED = {"expert_slots": 8, "expert_cache": 8}  # a domain's whole group every step
 SNAPSHOT = {"protect_experts": True, "experts_per_domain": 8, "snapshot_shared": True, "domain_switch_rate": 0.01}
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "naive": {},
@@ -198,6 +198,7 @@ def build_model(config: ContinualConfig, plan: RunPlan, store_dir: str):
         num_active_experts=config.num_active_experts,
         lr=config.lr,
         max_len=config.block_size,
+        seed=config.seed,
     )
     if plan.kind == "dense":
         return DenseLM(**common)
@@ -211,7 +212,6 @@ def build_model(config: ContinualConfig, plan: RunPlan, store_dir: str):
         store=config.store,
         store_dir=store_dir,
         local_lr=config.local_lr,
-        seed=config.seed,
     )
     options.update(config.pragnosia_variants.get(variant, {}) if variant is not None else {})
     if plan.kind == "joint":

@@ -17,35 +17,18 @@ from pathlib import Path
 from typing import Any
 
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
-# The closest local learning came to GlobalMoE in the issue-6 investigation
-# (scripts/results/quality/investigation.json): every expert in the working set (each token its own top-k of all
-# n), Adam experts with the shared AdamW's betas (0.9, 0.95), the shared loss reaching the trunk through the
-# experts, GlobalMoE's flat router. With a cache of S = n slots every expert is resident, so device memory grows
-# with n: a quality ceiling.
-BEST_VARIANT = {
-    "expert_slots": "n",
-    "expert_optimizer": "adam",
-    "local_lr": 1e-3,
-    "local_betas": (0.9, 0.95),
-    "backprop_through_experts": True,
-    "router": "flat",
-}
-# The same recipe at constant memory: a working set of 8 experts whatever n is, and no balance term (over a bounded
-# working set the Switch term pushes router mass out of the set, so the set rotates from batch to batch).
-BOUNDED_VARIANT = {**BEST_VARIANT, "expert_slots": 8, "balance_coef": 0.0}
-# The ceiling's recipe in the memory of 8 experts: the working set (every expert some token chose) streams through
-# 8 device slots; the trunk's gradient through the experts is taken in the backward pass with reloaded experts.
-STREAMED_VARIANT = {**BEST_VARIANT, "expert_cache": 8}
-# Each of the above with every expert's local step matched to the shared loss: its loss reads the whole detached
-# mixture and weighs its tokens by their share of the batch, so its gradient is the one the shared loss would give
-# it (still computed from its own loss, on the detached trunk output).
-MATCHED = {"local_readout": "mixture", "local_weighting": "batch"}
+# Global backpropagation at constant memory (configs/streamed.yaml with GlobalMoE's flat router, so that it is the
+# GlobalMoE of the same seed, update for update): objective exact, each token its own top-k of all n, the touched
+# experts streamed through 8 device slots, Adam experts at the shared lr.
+EXACT_VARIANT = {"objective": "exact", "expert_slots": None, "expert_cache": 8, "expert_optimizer": "adam",
+                 "local_lr": 1e-3, "router": "flat"}
+# The same with at most 8 experts per step (configs/bounded.yaml's cap), and no balance term (over a capped set the
+# Switch term pushes router mass out of the set, so the set rotates from batch to batch).
+BOUNDED_VARIANT = {**EXACT_VARIANT, "expert_slots": 8, "balance_coef": 0.0}
+# The seed's local rule with the same routing, cache and optimizer as EXACT_VARIANT: what local learning costs.
+LOCAL_VARIANT = {**EXACT_VARIANT, "objective": "local"}
 # Named variants for `bench_quality.py --variants NAME ...`.
-PRESET_VARIANTS = {
-    "tuned": BEST_VARIANT, "streamed": STREAMED_VARIANT, "bounded": BOUNDED_VARIANT,
-    "matched": {**BEST_VARIANT, **MATCHED}, "matched-streamed": {**STREAMED_VARIANT, **MATCHED},
-    "matched-bounded": {**BOUNDED_VARIANT, **MATCHED},
-}
+PRESET_VARIANTS = {"exact": EXACT_VARIANT, "bounded": BOUNDED_VARIANT, "local": LOCAL_VARIANT}
 
 
 def parse_variants(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -196,7 +179,7 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
 
     common = dict(
         d_model=config.d_model, n_shared_layers=config.n_shared_layers, n_heads=config.n_heads,
-        num_active_experts=config.num_active_experts, lr=config.lr, max_len=config.block_size,
+        num_active_experts=config.num_active_experts, lr=config.lr, max_len=config.block_size, seed=config.seed,
     )
     if plan.kind == "dense":
         return DenseLM(**common)
@@ -204,11 +187,11 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
         return GlobalMoE(**common, num_experts=plan.num_experts)
     options = dict(
         common, num_experts=plan.num_experts, expert_slots=config.expert_slots, store=config.store,
-        store_dir=store_dir, local_lr=config.local_lr, seed=config.seed,
+        store_dir=store_dir, local_lr=config.local_lr,
     )
     options.update(config.pragnosia)
     variant = config.variants.get(plan.variant, {})
-    options.update({key: plan.num_experts if value == "n" else value for key, value in variant.items()})
+    options.update(variant)
     return PragnosiaLM(**options)
 
 

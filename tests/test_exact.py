@@ -1,0 +1,126 @@
+"""The expert-major step: ``exact`` is GlobalMoE's update, store reads per touched expert, micro-batches.
+
+DESIGN §4 invariants 3 (exact) and 7. Mutations seen failing here: the second pass visiting experts with the
+pre-step record dropped (no write-back: exact ≢ GlobalMoE), the expert gradient not clipped (exact ≢ GlobalMoE at
+grad_clip 0.05), pass 2 in ascending order with a reload of every expert (reads > 2), the first pass of `exact`
+reading each expert twice (reads > 2), `local` running the second pass too (reads > 1), micro-batch slices
+shifted by one sequence (micro-batch ≢ whole batch).
+"""
+
+import pytest
+import torch
+from conftest import cpu_trainer, expert_records, token_loader
+
+from pragnosia_pl import GlobalMoE, PragnosiaLM
+
+SHAPE = dict(d_model=16, n_shared_layers=1, n_heads=2, max_len=64, num_experts=12, num_active_experts=2, seed=3)
+
+
+def exact_model(tmp_path, store: str, cache: int, **kwargs) -> PragnosiaLM:
+    return PragnosiaLM(
+        **SHAPE,
+        objective="exact",
+        expert_optimizer="adam",
+        local_lr=1e-2,
+        lr=1e-2,
+        expert_cache=cache,
+        store=store,
+        store_dir=str(tmp_path / "store"),
+        router="flat",
+        **kwargs,
+    )
+
+
+def expert_parameters(model: PragnosiaLM) -> torch.Tensor:
+    return torch.stack([model.layout.split(record)[0] for record in expert_records(model)])  # (n, P)
+
+
+@pytest.mark.parametrize(
+    ("store", "cache", "grad_clip"),
+    [("device", 12, 1.0), ("host", 12, 1.0), ("disk", 12, 1.0), ("disk", 3, 1.0), ("host", 2, 0.05)],
+)
+def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip):
+    """Same seed, data and clipping, 5 steps: every shared parameter and every expert within 1e-5 (a cache of 2 or
+    3 slots is smaller than the ~10 experts a step touches, so they stream and are evicted)."""
+    loader = token_loader(5, batch_size=4, block_size=16)
+    ours = exact_model(tmp_path, store, cache, grad_clip=grad_clip)
+    cpu_trainer(tmp_path, max_steps=5).fit(ours, train_dataloaders=loader)
+    reference = GlobalMoE(**SHAPE, lr=1e-2, router="flat", grad_clip=grad_clip)
+    cpu_trainer(tmp_path, max_steps=5).fit(reference, train_dataloaders=loader)
+
+    for (name, mine), theirs in zip(ours.backbone.named_parameters(), reference.backbone.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5, msg=name)
+    torch.testing.assert_close(ours.router.proj.weight, reference.router.proj.weight, rtol=0, atol=1e-5)
+    theirs = torch.stack([torch.nn.utils.parameters_to_vector(e.parameters()) for e in reference.experts])
+    torch.testing.assert_close(expert_parameters(ours), theirs.detach(), rtol=0, atol=1e-5)
+    assert len(ours.usage) > 6 and ours.experts().stats()["evictions"] > (0 if cache < 12 else -1)
+
+
+def test_same_seed_same_initial_weights(tmp_path):
+    ours = exact_model(tmp_path, "host", 4)
+    reference = GlobalMoE(**SHAPE, router="flat")
+    dense_a, dense_b = (GlobalMoE(**{**SHAPE, "seed": 5}, router="flat") for _ in range(2))
+    for mine, theirs in zip(ours.backbone.parameters(), reference.backbone.parameters()):
+        assert torch.equal(mine, theirs)
+    assert torch.equal(ours.router.proj.weight, reference.router.proj.weight)
+    assert torch.equal(
+        expert_parameters(ours),
+        torch.stack([torch.nn.utils.parameters_to_vector(e.parameters()) for e in reference.experts]).detach(),
+    )
+    assert torch.equal(dense_a.backbone.embed.weight, dense_b.backbone.embed.weight)
+    assert not torch.equal(dense_a.backbone.embed.weight, reference.backbone.embed.weight)  # the seed matters
+
+
+@pytest.mark.parametrize(("objective", "limit"), [("exact", 2), ("local", 1)])
+def test_store_reads_per_touched_expert(tmp_path, objective, limit):
+    """DESIGN §4 invariant 7, with a cache of 3 slots and ~10 experts touched per step, on the disk store."""
+    model = PragnosiaLM(
+        **SHAPE,
+        objective=objective,
+        expert_optimizer="adam",
+        local_lr=1e-2,
+        expert_cache=3,
+        store="disk",
+        store_dir=str(tmp_path / "store"),
+    )
+    trainer = cpu_trainer(tmp_path, max_steps=6)
+    trainer.fit(model, train_dataloaders=token_loader(6, batch_size=4, block_size=16))
+    touched = sum(model.usage.values())  # Σ over steps of the experts each step touched
+    stats = model.memory_stats()
+    assert touched >= 6 * 6
+    assert stats["store_reads"] <= limit * touched
+    assert stats["store_reads"] > (limit - 1) * touched  # a cache of 3 cannot hold a step's experts
+    assert stats["expert_updates"] == touched
+
+
+def test_micro_batches_give_the_whole_batch_update(tmp_path):
+    """``micro_batch`` bounds the trunk's activations (recomputed in the backward pass), not the update."""
+    loader = token_loader(3, batch_size=6, block_size=16)
+    whole = exact_model(tmp_path, "host", 4)
+    cpu_trainer(tmp_path, max_steps=3).fit(whole, train_dataloaders=loader)
+    parts = exact_model(tmp_path, "host", 4, micro_batch=2)
+    cpu_trainer(tmp_path, max_steps=3).fit(parts, train_dataloaders=loader)
+    for mine, theirs in zip(parts.parameters(), whole.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(expert_parameters(parts), expert_parameters(whole), rtol=0, atol=1e-6)
+
+
+def test_micro_batches_hold_one_micro_batch_of_trunk_activations():
+    """Saved for backward by the trunk: about one micro-batch's activations, not the batch's."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (16, 32))
+
+    def saved_bytes(micro_batch):
+        model = PragnosiaLM(d_model=32, n_shared_layers=2, n_heads=2, num_experts=8, micro_batch=micro_batch)
+        saved = {}
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model._trunk(tokens)
+        return sum(saved.values())
+
+    whole, parts = saved_bytes(None), saved_bytes(2)
+    assert parts < whole / 4, (parts, whole)
