@@ -7,13 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import cpu_trainer, token_loader
 
-from pragnosia_pl import PragnosiaLM
 from pragnosia_pl.experiments.quality import (
+    EXACT_VARIANT,
     PRESET_VARIANTS,
-    STREAMED_VARIANT,
     QualityConfig,
     fit_budget,
     parse_variants,
@@ -31,14 +28,14 @@ def run_script(name: str, *args: str, monkeypatch) -> None:
 
 def test_bench_quality_quick(tmp_path, monkeypatch):
     out = tmp_path / "quality"
-    variants = json.dumps({"bte": {"backprop_through_experts": True}})
-    run_script("bench_quality.py", "--quick", "--out", str(out), "--variants", variants, "streamed",
+    variants = json.dumps({"bte": {"objective": "exact", "expert_optimizer": "adam"}})
+    run_script("bench_quality.py", "--quick", "--out", str(out), "--variants", variants, "exact",
                monkeypatch=monkeypatch)
     for name in ("quality.json", "quality.md", "curves.png", "curve_pragnosia_n8.png", "curve_pragnosia_n8_bte.png",
-                 "curve_pragnosia_n8_streamed.png", "curve_global_moe_n8.png", "curve_dense.png"):
+                 "curve_pragnosia_n8_exact.png", "curve_global_moe_n8.png", "curve_dense.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "quality.json").read_text())
-    labels = ["PragnosiaLM n=8", "PragnosiaLM n=8 [bte]", "PragnosiaLM n=8 [streamed]", "GlobalMoE n=8", "DenseLM"]
+    labels = ["PragnosiaLM n=8", "PragnosiaLM n=8 [bte]", "PragnosiaLM n=8 [exact]", "GlobalMoE n=8", "DenseLM"]
     assert [r["label"] for r in report["runs"]] == labels
     actives = [r["params"]["active"] for r in report["runs"]]
     assert max(actives) / min(actives) < 1.01, "the models must have the same active parameters"
@@ -48,7 +45,7 @@ def test_bench_quality_quick(tmp_path, monkeypatch):
         for key in ("val/bpb", "val/bpb/code", "val/bpb/prose"):
             assert math.isfinite(run["final"][key]) and 0 < run["final"][key] < 8.5, (run["label"], key)
         assert run["curve"][-1]["val/bpb"] < 8.0  # 20 steps learn something beyond a uniform byte (8 bits)
-    assert set(report["goals"]) == {"n=8", "n=8 [bte]", "n=8 [streamed]"}
+    assert set(report["goals"]) == {"n=8", "n=8 [bte]", "n=8 [exact]"}
     assert "| PragnosiaLM n=8 |" in (out / "quality.md").read_text()
 
 
@@ -74,7 +71,7 @@ def test_plans():
         "PragnosiaLM n=8", "GlobalMoE n=8", "PragnosiaLM n=32", "GlobalMoE n=32", "DenseLM"
     ]
     assert [p.label for p in plan_runs(QualityConfig(num_experts=(8,), models=("pragnosia",), plain=False))] == [
-        "PragnosiaLM n=8 [streamed]", "PragnosiaLM n=8 [bounded]"
+        "PragnosiaLM n=8 [exact]", "PragnosiaLM n=8 [local]"
     ]
     contenders = plan_contenders(ThroughputConfig(), 512)
     assert [(c.store, c.expert_cache) for c in contenders] == [
@@ -84,16 +81,13 @@ def test_plans():
 
 
 def test_variants_are_presets_or_json():
-    assert parse_variants(["streamed", '{"adam": {"expert_optimizer": "adam"}}']) == {
-        "streamed": STREAMED_VARIANT, "adam": {"expert_optimizer": "adam"}
+    assert parse_variants(["exact", '{"adam": {"expert_optimizer": "adam"}}']) == {
+        "exact": EXACT_VARIANT, "adam": {"expert_optimizer": "adam"}
     }
-    assert STREAMED_VARIANT["expert_cache"] < 32
-    for name in ("tuned", "streamed", "bounded"):  # each with its local step matched to the shared loss
-        assert PRESET_VARIANTS[f"matched-{name}" if name != "tuned" else "matched"] == {
-            **PRESET_VARIANTS[name], "local_readout": "mixture", "local_weighting": "batch"
-        }
+    assert EXACT_VARIANT["expert_cache"] < 32 and EXACT_VARIANT["objective"] == "exact"
+    assert PRESET_VARIANTS["local"] == {**EXACT_VARIANT, "objective": "local"}
     for bad in ("fast", "[1, 2]", '{"x": 1}'):
-        with pytest.raises(ValueError, match=r"neither a preset \(tuned, streamed, bounded, matched, .*\) nor a JSON"):
+        with pytest.raises(ValueError, match=r"neither a preset \(exact, bounded, local\) nor a JSON"):
             parse_variants([bad])
 
 
@@ -119,20 +113,3 @@ def test_fit_budget_cuts_steps_to_a_multiple_of_eval_every():
 def test_config_errors(factory, kwargs, match):
     with pytest.raises(ValueError, match=match):
         factory(**kwargs)
-
-
-def test_backprop_through_experts_trains_the_trunk_through_them_and_leaves_local_learning_alone(tiny, tmp_path):
-    def one_step(flag: bool) -> tuple[PragnosiaLM, torch.Tensor]:
-        torch.manual_seed(0)
-        model = PragnosiaLM(**tiny, num_experts=4, num_active_experts=2, store="device", local_lr=0.1,
-                            backprop_through_experts=flag)
-        cpu_trainer(tmp_path, max_steps=1).fit(model, train_dataloaders=token_loader(1))
-        model.experts().flush()
-        return model, model.store.records.clone()
-
-    detached, detached_records = one_step(False)
-    through, through_records = one_step(True)
-    assert torch.equal(detached_records, through_records), "the switch must not change what the experts learn"
-    trunk = "backbone.blocks.0.ffn.up.weight"
-    assert not torch.equal(detached.state_dict()[trunk], through.state_dict()[trunk])
-    assert through.experts().slots.grad is None  # the shared loss reached no expert parameter

@@ -535,7 +535,7 @@ class Poisoned(PragnosiaLM):
 
 @pytest.mark.parametrize("poison", ["loss", "grad"])
 def test_non_finite_local_update_is_skipped_counted_and_not_written(tiny, tmp_path, poison):
-    model = Poisoned(poison, {0, 1}, **tiny, num_experts=4, num_active_experts=2, store="host")
+    model = Poisoned(poison, {0, 1}, **tiny, num_experts=4, num_active_experts=2, expert_slots=2, store="host")
     trainer = cpu_trainer(tmp_path, max_steps=2)
     trainer.fit(model, train_dataloaders=token_loader(2))
     assert model.skipped_expert_updates == 4 and model.skipped_shared_updates == 0
@@ -544,7 +544,7 @@ def test_non_finite_local_update_is_skipped_counted_and_not_written(tiny, tmp_pa
     assert model.store.materialized_ids() == [], "a skipped expert's record was written"
     assert model.store.stats()["writes"] == 0
 
-    model = Poisoned(poison, {1}, **tiny, num_experts=4, num_active_experts=2, store="host")
+    model = Poisoned(poison, {1}, **tiny, num_experts=4, num_active_experts=2, expert_slots=2, store="host")
     cpu_trainer(tmp_path, max_steps=3).fit(model, train_dataloaders=token_loader(3))
     assert model.skipped_expert_updates == 2 and len(model.store.materialized_ids()) > 0
 

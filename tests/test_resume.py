@@ -7,21 +7,22 @@ from conftest import cpu_trainer, expert_records, token_loader
 from pragnosia_pl import PragnosiaLM
 
 
-def make(tiny, tmp_path, name, store):
+def make(tiny, tmp_path, name, store, **kwargs):
     return PragnosiaLM(
         **tiny, num_experts=6, num_active_experts=2, expert_slots=2, expert_cache=3, store=store,
-        store_dir=str(tmp_path / name), expert_optimizer="adam", lr=3e-3,
+        store_dir=str(tmp_path / name), expert_optimizer="adam", lr=3e-3, **kwargs,
     )
 
 
 @pytest.mark.parametrize("store", ["device", "host", "disk"])
-def test_resume_is_bit_identical(tiny, tmp_path, store):
+@pytest.mark.parametrize("objective", ["local", "exact"])
+def test_resume_is_bit_identical(tiny, tmp_path, store, objective):
     torch.manual_seed(0)
-    straight = make(tiny, tmp_path, "straight", store)
+    straight = make(tiny, tmp_path, "straight", store, objective=objective)
     cpu_trainer(tmp_path / "a", max_epochs=2).fit(straight, train_dataloaders=token_loader(3))
 
     torch.manual_seed(0)
-    first = make(tiny, tmp_path, "first", store)
+    first = make(tiny, tmp_path, "first", store, objective=objective)
     trainer = cpu_trainer(tmp_path / "b", max_epochs=1)
     trainer.fit(first, train_dataloaders=token_loader(3))
     checkpoint = tmp_path / "half.ckpt"
@@ -30,7 +31,7 @@ def test_resume_is_bit_identical(tiny, tmp_path, store):
     first.store.write(0, torch.full((first.store.record_numel,), 7.0))  # the live store moves on; the snapshot must not
 
     torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
-    resumed = make(tiny, tmp_path, "resumed", store)
+    resumed = make(tiny, tmp_path, "resumed", store, objective=objective)
     trainer = cpu_trainer(tmp_path / "c", max_epochs=2)
     trainer.fit(resumed, train_dataloaders=token_loader(3), ckpt_path=checkpoint)
 
@@ -57,8 +58,7 @@ def test_missing_snapshot_is_reported(tiny, tmp_path):
 def test_keep_snapshots_prunes_old_ones(tiny, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    model = make(tiny, tmp_path, "run", "host")
-    model.hparams.keep_snapshots = 2
+    model = make(tiny, tmp_path, "run", "host", keep_snapshots=2)
     every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
     trainer = cpu_trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[every_step])
     trainer.fit(model, train_dataloaders=token_loader(4))

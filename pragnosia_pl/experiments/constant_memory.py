@@ -137,8 +137,8 @@ class RuntimeBaseline(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if trainer.global_step == 0:
             tensors = sum(p.numel() * p.element_size() for p in pl_module.parameters())
-            cache = getattr(pl_module, "_cache", None)
-            if cache is not None:
+            if hasattr(pl_module, "residency"):  # PragnosiaLM: its device slots
+                cache = pl_module.experts()
                 tensors += cache.slots.numel() * cache.slots.element_size()
             self.bytes = read_memory(torch.device("cpu"))["rss_bytes"] - tensors
 

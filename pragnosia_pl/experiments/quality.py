@@ -105,7 +105,7 @@ class QualityConfig:
     store: str = "host"
     pragnosia: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"streamed": STREAMED_VARIANT, "bounded": BOUNDED_VARIANT}
+        default_factory=lambda: {"exact": EXACT_VARIANT, "local": LOCAL_VARIANT}
     )
     seed: int = 0
     time_budget_min: float | None = 45.0

@@ -249,9 +249,9 @@ def run_group(config: ThroughputConfig, num_experts: int, batches: list, root: s
 
 
 def _cache_counters(contender: Contender) -> tuple[float, float]:
-    if contender.store is None or contender.model._cache is None:
+    if contender.store is None:
         return 0.0, 0.0
-    stats = contender.model._cache.stats()
+    stats = contender.model.experts().stats()
     return stats["hits"], stats["loads"]
 
 
