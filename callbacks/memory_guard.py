@@ -26,7 +26,8 @@ class ConstantMemoryGuard(Callback):
     Each training step is bracketed like in :class:`~callbacks.MemoryMonitor` (peak reset before the step,
     read after it): the CUDA peak when the module is on a CUDA device, else the process's peak RSS within the
     step. With ``metric`` set, the guard reads that key of ``trainer.callback_metrics`` instead (e.g.
-    ``"memory/cuda_peak_bytes"`` logged by a ``MemoryMonitor`` listed *before* the guard).
+    ``"memory/cuda_peak_mib"`` logged by a ``MemoryMonitor`` listed *before* the guard); a key ending in
+    ``_mib`` is read as MiB, any other as bytes.
 
     The first ``warmup_steps`` steps are ignored (allocator caches, optimizer state, dataloader workers). The
     *baseline* is the largest peak of the ``baseline_steps`` steps after them. From then on, a step is a
@@ -47,7 +48,8 @@ class ConstantMemoryGuard(Callback):
         tolerance: allowed relative growth over the baseline, e.g. ``0.05`` for 5 %.
         max_bytes: absolute cap on the per-step peak, in bytes; ``None`` for no cap.
         mode: ``"raise"`` or ``"warn"``.
-        metric: key of ``trainer.callback_metrics`` to read instead of measuring; ``None`` to measure.
+        metric: key of ``trainer.callback_metrics`` to read instead of measuring (MiB if it ends in ``_mib``,
+            else bytes); ``None`` to measure.
         window: number of post-warm-up steps the trend is fitted over.
         baseline_steps: number of post-warm-up steps whose largest peak is the baseline.
 
@@ -199,7 +201,8 @@ class ConstantMemoryGuard(Callback):
                 f"{sorted(trainer.callback_metrics)}; list the callback that logs it (e.g. MemoryMonitor) before "
                 "the guard in trainer.callbacks, or leave metric unset so the guard measures memory itself"
             )
-        return float(trainer.callback_metrics[self.metric])
+        value = float(trainer.callback_metrics[self.metric])
+        return value * _MIB if self.metric.endswith("_mib") else value
 
     def _violation(self, kind: str, message: str) -> None:
         self.violations[kind] += 1

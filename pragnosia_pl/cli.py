@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 import torch
-from jsonargparse import ArgumentError
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
@@ -23,16 +25,39 @@ from pragnosia_pl.store import CorruptRecordError
 
 # What a user can fix: printed as one message, without a traceback (PRAGNOSIA_DEBUG=1 shows it).
 USER_ERRORS = (
-    ValueError, OSError, CorruptRecordError, CorruptCheckpointError, NonFiniteLossError, MisconfigurationException
+    ValueError,
+    OSError,
+    CorruptRecordError,
+    CorruptCheckpointError,
+    NonFiniteLossError,
+    MisconfigurationException,
 )
 
 
 class PragnosiaCLI(LightningCLI):
     """LightningCLI over every ``LanguageModel`` of the package and any ``LightningDataModule``.
 
+    Everything a run writes goes under ``trainer.default_root_dir`` (the working directory when unset): the
+    logger's ``save_dir`` is linked to it, and a ``ModelCheckpoint`` without a ``dirpath`` writes to
+    ``<default_root_dir>/checkpoints`` (not versioned, so ``--ckpt_path last`` resumes this root's own last
+    checkpoint). The model's expert store defaults to ``<trainer.log_dir>/expert_store``, hence under it too.
+
     Checkpoints are written crash-safe (:class:`~pragnosia_pl.checkpoint_io.AtomicCheckpointIO`) unless the
     configuration names a ``CheckpointIO`` plugin of its own.
     """
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=run_root)
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        checkpoints = os.path.join(run_root(config.trainer.default_root_dir), "checkpoints")
+        callbacks = config.trainer.callbacks
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            if _is_checkpoint(callback) and callback.init_args.get("dirpath") is None:
+                callback.init_args.dirpath = checkpoints
 
     @override
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -40,6 +65,22 @@ class PragnosiaCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def run_root(default_root_dir: str | os.PathLike | None) -> str:
+    """The folder a run writes under: ``trainer.default_root_dir``, or the working directory as in Lightning."""
+    return os.fspath(default_root_dir) if default_root_dir else os.getcwd()
+
+
+def _is_checkpoint(callback: object) -> bool:
+    if not isinstance(callback, Namespace) or "class_path" not in callback:
+        return False
+    module_name, _, class_name = callback.class_path.rpartition(".")
+    try:
+        callback_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(callback_class, type) and issubclass(callback_class, ModelCheckpoint)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> PragnosiaCLI:
@@ -80,22 +121,54 @@ def generate(args: list[str]) -> None:
     sys.stdout.write(options.prompt + sample.decode("utf-8", errors="replace") + "\n")
 
 
+# Lines of jsonargparse's reports that frame the message rather than carry it.
+_REPORT_FRAME = re.compile(
+    r"^(- )?(Parser key \".*\":|Does not validate against any of the Union subtypes|Subtypes: .*|Errors:|"
+    r"Given value( type)?: .*|Expected a <class 'NoneType'>|Problem with given class_path .*:|"
+    r"Expected a path but .* either not accessible or invalid)?$"
+)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a bad value as one line that names its key.
+
+    A constructor's own ``ValueError`` (``model.num_experts (0) must be > 0``) reaches us wrapped in
+    jsonargparse's report of every Union alternative: the innermost such error is the message. A report of a
+    bad command line or config file becomes ``<key>: <what is wrong>``.
+    """
+    while isinstance(error.__cause__, USER_ERRORS):
+        error = error.__cause__
+    message = str(error).strip()
+    if "\n" not in message:
+        return message
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    nested = re.search(r"NestedArg\(key='([^']+)'", message)
+    if nested and (not keys or keys[-1] != nested.group(1)):
+        keys.append(nested.group(1))
+    details = []
+    for line in message.splitlines():
+        line = line.strip()
+        if not _REPORT_FRAME.match(line):
+            line = line.removeprefix("- ")
+            if line not in details:
+                details.append(line)
+    text = "; ".join(details) or message.splitlines()[0]
+    return f"{'.'.join(keys)}: {text}" if keys else text
+
+
 def main(args: list[str] | None = None) -> None:
+    """The ``pragnosia`` command. A bad value or a user-fixable failure prints one line, ``pragnosia: error:
+    ...``, and exits with status 2 (``PRAGNOSIA_DEBUG=1`` raises instead, with the traceback)."""
     argv = sys.argv[1:] if args is None else list(args)
     try:
         if argv and argv[0] == "generate":
             generate(argv[1:])
         else:
             run_cli(None if args is None else argv, exit_on_error=False)  # None: LightningCLI reads sys.argv
-    except ArgumentError as error:  # a bad command line or config file: the message, not the usage
+    except (ArgumentError, *USER_ERRORS) as error:
         if os.environ.get("PRAGNOSIA_DEBUG"):
             raise
-        sys.stderr.write(f"pragnosia: error: {error}\n(`pragnosia fit --help` lists the options)\n")
-        sys.exit(2)
-    except USER_ERRORS as error:
-        if os.environ.get("PRAGNOSIA_DEBUG"):
-            raise
-        sys.stderr.write(f"pragnosia: error: {error}\n(set PRAGNOSIA_DEBUG=1 for the traceback)\n")
+        sys.stderr.write(f"pragnosia: error: {one_line(error)}\n")
         sys.exit(2)
 
 

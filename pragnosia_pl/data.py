@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from typing_extensions import override
 
-from pragnosia_pl.domains import load_domain_bytes, resolve_domain
+from pragnosia_pl.domains import Source, load_domain_bytes, resolve_domain, split_by_file
 
 DEFAULT_DOMAINS = {"code": "stdlib-code", "prose": "stdlib-docs"}
 
@@ -110,20 +110,25 @@ class TextDomains(pl.LightningDataModule):
     Each domain's files are read through Hugging Face ``datasets`` (cached under ``cache_dir``, keyed on every
     file's size and mtime; nothing is downloaded), encoded as UTF-8 bytes (vocabulary 256), joined with a blank
     line between documents and cut into non-overlapping blocks of ``block_size + 1`` bytes. A seeded permutation
-    of each domain's blocks gives a deterministic train/val split. Training mixes the active domains (all, or
-    the one chosen with :meth:`set_domain`) in an order fixed by ``(seed, epoch)``; validation has one loader
-    per domain, in the order of :attr:`val_domain_names`. A batch is ``(x, y)``, two ``LongTensor`` of shape
-    ``(batch_size, block_size)`` with ``y`` = ``x`` shifted by one token.
+    of each domain's blocks gives a deterministic train/val split; ``python-code`` is split by file instead
+    (a stable hash of each file's name picks its split), so no validation file is ever trained on. Training
+    mixes the active domains (all, or the one chosen with :meth:`set_domain`) in an order fixed by
+    ``(seed, epoch)``; validation has one loader per domain, in the order of :attr:`val_domain_names`. A batch
+    is ``(x, y)``, two ``LongTensor`` of shape ``(batch_size, block_size)`` with ``y`` = ``x`` shifted by one
+    token.
 
     Args:
         domains: Domain name to its text: a preset (``stdlib-code``: the standard library's ``.py`` files
             without tests; ``stdlib-docs``: the prose of ``pydoc_data/topics.py``; ``licenses``:
-            ``/usr/share/common-licenses/*``), a path, a glob, or a list of these. ``None``:
+            ``/usr/share/common-licenses/*``; ``python-code``: every ``.py`` file under the interpreter's
+            prefixes, standard library and installed packages), a path, a glob, or a list of these. ``None``:
             ``{"code": "stdlib-code", "prose": "stdlib-docs"}``.
         block_size: Tokens per training sequence ``T``.
         batch_size: Sequences per batch ``B``.
         val_fraction: Share of each domain's blocks held out for validation (at least one block).
-        max_bytes_per_domain: Read at most this many bytes of each domain (files in order); ``None``: all.
+        max_bytes_per_domain: Read at most this many bytes of each domain (files in order); ``None``: all. A
+            domain split by file reads ``val_fraction`` of them from its validation files, the rest from its
+            training files.
         num_workers: ``DataLoader`` worker processes.
         seed: Seed of the train/val split and of the training order.
         cache_dir: Where ``datasets`` caches the read files; ``None``: ``$PRAGNOSIA_CACHE`` or
@@ -178,7 +183,7 @@ class TextDomains(pl.LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir or _default_cache_dir()
         self.active_domain: str | None = None
-        self._tokens: dict[str, torch.Tensor] = {}
+        self._num_bytes: dict[str, int] = {}
         self._train: dict[str, BlockDataset] = {}
         self._val: dict[str, BlockDataset] = {}
 
@@ -197,28 +202,59 @@ class TextDomains(pl.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
-        for key, spec in self.domains.items():
-            stream = load_domain_bytes(key, resolve_domain(key, spec), self.max_bytes_per_domain, self.cache_dir)
-            self._num_blocks(key, len(stream))  # fail here, before the Trainer makes a run directory
+        for key in self.domains:
+            self._load(key)  # fails here, before the Trainer makes a run directory
 
     @override
     def setup(self, stage: str) -> None:
-        if self._tokens:
+        if self._num_bytes:
             return
-        tokens_of, train, val, lines = {}, {}, {}, []
-        for key, spec in self.domains.items():
-            stream = load_domain_bytes(key, resolve_domain(key, spec), self.max_bytes_per_domain, self.cache_dir)
-            tokens = torch.from_numpy(stream)  # (N,) uint8
-            num_blocks = self._num_blocks(key, len(tokens))
-            order = np.random.default_rng([self.seed, zlib.crc32(key.encode())]).permutation(num_blocks)
-            num_val = min(max(1, math.ceil(self.val_fraction * num_blocks)), num_blocks - 1)
-            tokens_of[key] = tokens
-            val[key] = BlockDataset(tokens, torch.from_numpy(np.sort(order[:num_val])), self.block_size)
-            train[key] = BlockDataset(tokens, torch.from_numpy(np.sort(order[num_val:])), self.block_size)
-            size = f"{len(tokens) / 1e6:.1f} MB" if len(tokens) >= 100_000 else f"{len(tokens) / 1e3:.1f} kB"
-            lines.append(f"{key} {size} ({len(train[key]):,} train / {num_val:,} val blocks)")
-        self._tokens, self._train, self._val = tokens_of, train, val
+        num_bytes, train, val, lines = {}, {}, {}, []
+        for key in self.domains:
+            train[key], val[key] = self._load(key)
+            num_bytes[key] = len(train[key].tokens) + (
+                0 if val[key].tokens is train[key].tokens else len(val[key].tokens)
+            )
+            size = f"{num_bytes[key] / 1e6:.1f} MB" if num_bytes[key] >= 100_000 else f"{num_bytes[key] / 1e3:.1f} kB"
+            lines.append(f"{key} {size} ({len(train[key]):,} train / {len(val[key]):,} val blocks)")
+        self._num_bytes, self._train, self._val = num_bytes, train, val
         rank_zero_info("data: " + ", ".join(lines))
+
+    def _load(self, key: str) -> tuple[BlockDataset, BlockDataset]:
+        """The training and validation blocks of domain ``key``: a seeded split of its blocks, or of its files."""
+        sources = resolve_domain(key, self.domains[key])
+        if any(source.name is not None for source in sources):
+            return self._split_by_file(key, sources)
+        tokens = torch.from_numpy(load_domain_bytes(key, sources, self.max_bytes_per_domain, self.cache_dir))  # (N,)
+        num_blocks = self._num_blocks(key, len(tokens))
+        order = np.random.default_rng([self.seed, zlib.crc32(key.encode())]).permutation(num_blocks)
+        num_val = min(max(1, math.ceil(self.val_fraction * num_blocks)), num_blocks - 1)
+        val = BlockDataset(tokens, torch.from_numpy(np.sort(order[:num_val])), self.block_size)
+        return BlockDataset(tokens, torch.from_numpy(np.sort(order[num_val:])), self.block_size), val
+
+    def _split_by_file(self, key: str, sources: list[Source]) -> tuple[BlockDataset, BlockDataset]:
+        train_files, val_files = split_by_file(key, sources, self.val_fraction)
+        val_bytes = train_bytes = None
+        if self.max_bytes_per_domain is not None:
+            val_bytes = max(1, round(self.val_fraction * self.max_bytes_per_domain))
+            train_bytes = self.max_bytes_per_domain - val_bytes
+            if train_bytes < 1:
+                raise ValueError(
+                    f"data.max_bytes_per_domain ({self.max_bytes_per_domain}) leaves no training bytes for "
+                    f"data.domains.{key} after its validation share (data.val_fraction {self.val_fraction})"
+                )
+        splits = []
+        for split, files, cap in (("training", train_files, train_bytes), ("validation", val_files, val_bytes)):
+            tokens = torch.from_numpy(load_domain_bytes(key, files, cap, self.cache_dir))  # (N,)
+            num_blocks = len(tokens) // (self.block_size + 1)
+            if num_blocks < 1:
+                raise ValueError(
+                    f"data.domains.{key}: its {split} files give {len(tokens):,} bytes, less than one block of "
+                    f"data.block_size + 1 = {self.block_size + 1} bytes; raise data.max_bytes_per_domain or lower "
+                    "data.block_size"
+                )
+            splits.append(BlockDataset(tokens, torch.arange(num_blocks), self.block_size))
+        return splits[0], splits[1]
 
     def _num_blocks(self, key: str, num_bytes: int) -> int:
         num_blocks = num_bytes // (self.block_size + 1)
@@ -266,7 +302,7 @@ class TextDomains(pl.LightningDataModule):
         self._check_setup()
         return {
             key: {
-                "bytes": len(self._tokens[key]),
+                "bytes": self._num_bytes[key],
                 "train_blocks": len(self._train[key]),
                 "val_blocks": len(self._val[key]),
                 "train_tokens": self.num_tokens(key, "train"),
@@ -319,5 +355,5 @@ class TextDomains(pl.LightningDataModule):
         self.set_domain(state_dict.get("active_domain"))
 
     def _check_setup(self) -> None:
-        if not self._tokens:
+        if not self._num_bytes:
             raise RuntimeError("TextDomains: call setup() first (the Trainer does this)")

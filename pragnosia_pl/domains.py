@@ -1,10 +1,14 @@
 """Text domains: preset names and paths/globs resolved to files, read through Hugging Face ``datasets``.
 
-A domain value is a preset name (``stdlib-code``, ``stdlib-docs``, ``licenses``), a path, a glob, or a list
-of these. Files are read as bytes and decoded as UTF-8 with replacement, so no file can crash the load;
+A domain value is a preset name (``stdlib-code``, ``stdlib-docs``, ``licenses``, ``python-code``), a path, a
+glob, or a list of these. Files are read as bytes and decoded as UTF-8 with replacement, so no file can crash the load;
 empty files are skipped. The documents pass through ``datasets.Dataset.from_generator`` with a fingerprint
 built from every file's path, size and mtime, so a cached domain is reused until one of its files changes.
 Nothing is ever downloaded.
+
+``python-code`` is split into training and validation *by file* (:func:`split_by_file`): each file carries a name
+relative to the library folder it lies in, and a hash of that name decides its split and its reading order, so
+the split is the same on every machine and no validation file is ever trained on.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,10 +39,15 @@ _SNIFF_BYTES = 8192  # a NUL byte among a file's first bytes marks it binary (UT
 
 
 class Source(NamedTuple):
-    """One file of a domain; ``kind`` says how to read it: ``"text"`` or ``"pydoc-topics"``."""
+    """One file of a domain; ``kind`` says how to read it: ``"text"`` or ``"pydoc-topics"``.
+
+    ``name`` is set on the files of a domain split by file: the file's path relative to its root, which
+    :func:`split_by_file` hashes (never the absolute path, so the split does not depend on the machine).
+    """
 
     path: str
     kind: str = "text"
+    name: str | None = None
 
 
 def _stdlib_code() -> list[Source]:
@@ -59,7 +69,78 @@ def _licenses() -> list[Source]:
     return [Source(p) for p in sorted(glob.glob(os.path.join(_LICENSES_DIR, "*"))) if os.path.isfile(p)]
 
 
-PRESETS = {"stdlib-code": _stdlib_code, "stdlib-docs": _stdlib_docs, "licenses": _licenses}
+def _interpreter_roots() -> tuple[list[Path], list[Path]]:
+    """The interpreter's prefixes (walked) and its library folders (a file's name is relative to the deepest one)."""
+    prefixes = [Path(p) for p in dict.fromkeys([sys.prefix, sys.base_prefix])]
+    libraries = list(prefixes)
+    for base in prefixes:
+        paths = sysconfig.get_paths(vars={"base": str(base), "platbase": str(base), "installed_base": str(base)})
+        libraries.extend(Path(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib"))
+    return prefixes, libraries
+
+
+def python_code_sources(prefixes: Iterable[str | Path], libraries: Iterable[str | Path] = ()) -> list[Source]:
+    """Every ``.py`` file below ``prefixes``, named relative to the deepest of ``libraries`` (or prefixes) holding it,
+    in the order of :func:`file_hash` of the name (a capped read samples the whole tree, not its first folder).
+
+    Args:
+        prefixes: Folders to walk (``__pycache__`` is skipped; a file reached twice is listed once).
+        libraries: Folders that names are taken relative to, e.g. ``site-packages``, so a package's files have the
+            same names in a virtualenv and in a system install.
+    """
+    prefixes = [Path(p) for p in prefixes]
+    roots = sorted({Path(p) for p in [*prefixes, *libraries]}, key=lambda root: len(root.parts), reverse=True)
+    named: dict[str, Source] = {}
+    for prefix in prefixes:
+        for dirpath, dirnames, filenames in os.walk(prefix):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            for filename in filenames:
+                if not filename.endswith(".py"):
+                    continue
+                path = Path(dirpath, filename)
+                root = next(root for root in roots if path.is_relative_to(root))
+                real = os.path.realpath(path)
+                if real not in named and os.path.isfile(real):
+                    named[real] = Source(str(path), name=path.relative_to(root).as_posix())
+    return sorted(named.values(), key=lambda source: (file_hash(source.name), source.name))
+
+
+def _python_code() -> list[Source]:
+    return python_code_sources(*_interpreter_roots())
+
+
+def file_hash(name: str) -> tuple[int, float]:
+    """A stable hash of a file's name: its reading order (an int) and its split coordinate (uniform in [0, 1))."""
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big") / 2**64
+
+
+def split_by_file(key: str, sources: list[Source], val_fraction: float) -> tuple[list[Source], list[Source]]:
+    """Splits a domain's files into training and validation files, keeping their order.
+
+    A file is a validation file when its split coordinate (:func:`file_hash` of its ``name``) is below
+    ``val_fraction``; when none is, the one with the smallest coordinate is, so validation is never empty. The
+    split depends on each file's name only: adding or removing other files moves no file across it.
+
+    Raises:
+        ValueError: If a file has no ``name`` or the domain has fewer than two files.
+    """
+    if any(source.name is None for source in sources):
+        raise ValueError(
+            f"data.domains.{key}: python-code is split by file and cannot share a domain with other files; "
+            "give them their own domain"
+        )
+    coordinate = {source.name: file_hash(source.name)[1] for source in sources}
+    if len(coordinate) < 2:
+        raise ValueError(f"data.domains.{key}: splitting by file needs ≥ 2 files, found {len(coordinate)}")
+    held_out = {name for name, value in coordinate.items() if value < val_fraction}
+    if not held_out or len(held_out) == len(coordinate):
+        held_out = {min(coordinate, key=coordinate.get)}
+    train = [source for source in sources if source.name not in held_out]
+    return train, [source for source in sources if source.name in held_out]
+
+
+PRESETS = {"stdlib-code": _stdlib_code, "stdlib-docs": _stdlib_docs, "licenses": _licenses, "python-code": _python_code}
 
 
 def _looks_like_path(spec: str) -> bool:

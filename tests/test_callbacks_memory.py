@@ -39,10 +39,12 @@ def make_trainer(tmp_path, **kwargs) -> Trainer:
 
 
 class CountingModel(BoringModel):
-    """Reports the counters an expert-offloading model would (DESIGN §11: ``memory_stats``)."""
+    """Reports the counters an expert-offloading model would (DESIGN §11: ``memory_stats``): running totals of
+    bytes moved, 3 MiB in every step and (2·step − 1) MiB out in step ``step``."""
 
     def memory_stats(self) -> dict[str, float]:
-        return {"bytes_in": 100.0 * self.global_step, "bytes_out": 50.0, "resident_experts": 2}
+        steps = self.global_step
+        return {"bytes_in": 3.0 * MIB * steps, "bytes_out": float(MIB * steps**2), "resident_experts": 2}
 
 
 class LeakyModel(BoringModel):
@@ -81,12 +83,14 @@ def test_monitor_scalars_and_custom_scalars_layout_in_event_files(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     scalar_tags = set(events.Tags()["scalars"])
-    logged = {"rss_bytes", "peak_rss_bytes", "bytes_in", "bytes_out", "resident_experts"}
-    assert {f"memory/{key}" for key in logged} <= scalar_tags
-    assert [e.value for e in events.Scalars("memory/bytes_in")] == [100.0 * step for step in range(1, 6)]
-    rss = [e.value for e in events.Scalars("memory/rss_bytes")]
-    peak = [e.value for e in events.Scalars("memory/peak_rss_bytes")]
+    logged = {"rss_mib", "peak_rss_mib", "mib_in_per_step", "mib_out_per_step", "resident_experts"}
+    assert {tag for tag in scalar_tags if tag.startswith("memory/")} == {f"memory/{key}" for key in logged}
+    assert [e.value for e in events.Scalars("memory/mib_in_per_step")] == [3.0] * 5
+    assert [e.value for e in events.Scalars("memory/mib_out_per_step")] == [1.0, 3.0, 5.0, 7.0, 9.0]
+    rss = [e.value for e in events.Scalars("memory/rss_mib")]
+    peak = [e.value for e in events.Scalars("memory/peak_rss_mib")]
     assert len(peak) == 5 and all(p >= r > 0 for p, r in zip(peak, rss))
+    assert peak == pytest.approx([row["peak_rss_bytes"] / MIB for row in monitor.history])
 
     assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
     proto = events.Tensors("custom_scalars__config__")[0].tensor_proto
@@ -98,13 +102,13 @@ def test_monitor_scalars_and_custom_scalars_layout_in_event_files(tmp_path):
         for title, regexes in charts.items()
     }
     assert matched == {
-        "host memory: current vs peak within step (bytes)": {"memory/rss_bytes", "memory/peak_rss_bytes"},
-        "bytes moved in/out": {"memory/bytes_in", "memory/bytes_out"},
+        "host memory: current vs peak within step (MiB)": {"memory/rss_mib", "memory/peak_rss_mib"},
+        "MiB moved in/out per step": {"memory/mib_in_per_step", "memory/mib_out_per_step"},
         "module memory counters": {"memory/resident_experts"},
     }
 
     assert [row["step"] for row in monitor.history] == [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert monitor.history[-1]["bytes_in"] == 500.0 and monitor.history[-1]["peak_rss_bytes"] > 0
+    assert monitor.history[-1]["bytes_in"] == 15.0 * MIB and monitor.history[-1]["peak_rss_bytes"] > 0  # raw
 
 
 def test_monitor_every_n_steps_and_prefix(tmp_path):
@@ -112,7 +116,8 @@ def test_monitor_every_n_steps_and_prefix(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=[monitor])
     trainer.fit(CountingModel())
     assert [row["step"] for row in monitor.history] == [1.0, 3.0, 5.0]
-    assert "mem.peak_rss_bytes" in trainer.callback_metrics and "mem.bytes_out" in trainer.callback_metrics
+    assert trainer.callback_metrics["mem.mib_out_per_step"] == 9.0  # step 5's alone, not since step 3
+    assert "mem.peak_rss_mib" in trainer.callback_metrics
 
 
 @linux_only
@@ -133,10 +138,13 @@ def test_host_peak_is_reset_each_step():
 @cuda
 def test_monitor_reads_cuda_memory(tmp_path):
     monitor = MemoryMonitor()
-    make_trainer(tmp_path, accelerator="cuda", callbacks=[monitor]).fit(BoringModel())
+    trainer = make_trainer(tmp_path, accelerator="cuda", callbacks=[monitor])
+    trainer.fit(BoringModel())
     row = monitor.history[-1]
     assert row["cuda_peak_bytes"] >= row["cuda_allocated_bytes"] > 0
     assert row["cuda_reserved_bytes"] >= row["cuda_allocated_bytes"]
+    for key in ("cuda_allocated", "cuda_reserved", "cuda_peak"):
+        assert float(trainer.callback_metrics[f"memory/{key}_mib"]) == pytest.approx(row[f"{key}_bytes"] / MIB)
 
 
 @pytest.mark.parametrize(
@@ -242,7 +250,7 @@ def test_guard_max_bytes_applies_from_the_first_step(tmp_path):
 @linux_only
 def test_guard_reuses_the_monitor_readings(tmp_path):
     monitor = MemoryMonitor()
-    guard = ConstantMemoryGuard(warmup_steps=2, baseline_steps=1, metric="memory/peak_rss_bytes")
+    guard = ConstantMemoryGuard(warmup_steps=2, baseline_steps=1, metric="memory/peak_rss_mib")
     make_trainer(tmp_path, limit_train_batches=6, callbacks=[monitor, guard]).fit(BoringModel())
     assert guard.peaks == [row["peak_rss_bytes"] for row in monitor.history[2:]]
 

@@ -33,7 +33,7 @@ def test_bad_model_key_is_one_line_naming_the_key(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
     done = pragnosia("fit", "--config", str(config), "--model.init_args.num_active_experts", "3", cwd=tmp_path)
     assert done.returncode == 2
-    assert "model.num_active_experts (3) must be ≤ model.expert_slots (2)" in done.stderr
+    assert done.stderr.endswith("pragnosia: error: model.num_active_experts (3) must be ≤ model.expert_slots (2)\n")
     assert "Traceback" not in done.stderr
 
 
@@ -46,7 +46,11 @@ def test_print_config_works(tmp_path):
 
 def test_lightning_configuration_error_is_one_line(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-    done = pragnosia("fit", "--config", str(config), "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    contradiction = ["--trainer.callbacks+=TQDMProgressBar", "--trainer.enable_progress_bar"]
+    done = pragnosia("fit", "--config", str(config), *contradiction, "false", cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "pragnosia: error: Trainer was configured with `enable_progress_bar=False`" in done.stderr
+    assert done.stderr.endswith(
+        "pragnosia: error: Trainer was configured with `enable_progress_bar=False` but found `TQDMProgressBar` in "
+        "callbacks list.\n"
+    )
     assert "Traceback" not in done.stderr

@@ -1,3 +1,4 @@
+import hashlib
 import math
 import os
 
@@ -308,10 +309,16 @@ def test_mid_epoch_resume_repeats_the_remaining_batches(corpus, num_workers):
         dm = make(corpus, setup=False, seed=3, num_workers=num_workers, batch_size=batch_size)
         model = BatchRecorder()
         trainer = pl.Trainer(
-            accelerator="cpu", max_steps=max_steps, limit_val_batches=0, default_root_dir=corpus / name,
-            logger=False, enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[pl.callbacks.ModelCheckpoint(dirpath=corpus / name / "ckpt", every_n_train_steps=2,
-                                                    save_top_k=-1)],
+            accelerator="cpu",
+            max_steps=max_steps,
+            limit_val_batches=0,
+            default_root_dir=corpus / name,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[
+                pl.callbacks.ModelCheckpoint(dirpath=corpus / name / "ckpt", every_n_train_steps=2, save_top_k=-1)
+            ],
         )
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         return [x for _, x in model.seen], trainer.num_training_batches
@@ -322,3 +329,104 @@ def test_mid_epoch_resume_repeats_the_remaining_batches(corpus, num_workers):
     assert len(resumed) == 6 and all(torch.equal(a, b) for a, b in zip(resumed, straight[2:]))
     with pytest.warns(UserWarning, match=r"training data had .*'batch_size': 4.* this run's has .*'batch_size': 2"):
         run("other", max_steps=3, ckpt_path=corpus / "straight" / "ckpt" / "epoch=0-step=2.ckpt", batch_size=2)
+
+
+def python_tree(prefix, names):
+    """Files named ``names`` under ``<prefix>/lib/site-packages``, each a block-sized line naming itself, repeated."""
+    library = prefix / "lib" / "site-packages"
+    for name in names:
+        path = library / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {name} {'=' * 40}\n" * 20)
+    (library / "pkg" / "__pycache__").mkdir(parents=True, exist_ok=True)
+    (library / "pkg" / "__pycache__" / "cached.py").write_text("# never read\n" * 20)
+    (library / "pkg" / "notes.txt").write_text("# not python\n" * 20)
+    return library
+
+
+def split_names(monkeypatch, tmp_path, prefix, library, **kwargs):
+    """(train names, val names): the files whose lines appear in each split's bytes."""
+    sources = lambda: domains_module.python_code_sources([prefix], [library])  # noqa: E731
+    monkeypatch.setitem(domains_module.PRESETS, "python-code", sources)
+    kwargs = dict(dict(block_size=16, batch_size=2, val_fraction=0.25, cache_dir=str(tmp_path / "cache")), **kwargs)
+    dm = TextDomains({"code": "python-code"}, **kwargs)
+    dm.setup("fit")
+    streams = [bytes(dm._train["code"].tokens.numpy()), bytes(dm.val_dataloader()[0].dataset.tokens.numpy())]
+    return [{line.split()[1] for line in s.decode().splitlines() if line.startswith("# ")} for s in streams], dm
+
+
+NAMES = [f"pkg/mod{i:02d}.py" for i in range(40)] + ["other/deep/x.py", "top.py"]
+
+
+def test_python_code_splits_by_file_with_a_stable_hash_of_the_relative_name(tmp_path, monkeypatch):
+    library = python_tree(tmp_path / "one", NAMES)
+    (train, val), dm = split_names(monkeypatch, tmp_path, tmp_path / "one", library)
+    assert train and val and not train & val
+    assert train | val == set(NAMES)  # not __pycache__, not .txt
+    # the reference: sha256 of the name relative to site-packages, bytes 8..16 as a fraction
+    expected = {n for n in NAMES if int.from_bytes(hashlib.sha256(n.encode()).digest()[8:16], "big") < 0.25 * 2**64}
+    assert val == expected
+    assert dm.summary()["code"]["val_blocks"] == len(dm.val_dataloader()[0].dataset) > 0
+
+    # elsewhere on disk, files created in another order, one more file: no file changes sides
+    library = python_tree(tmp_path / "elsewhere" / "two", list(reversed(NAMES)) + ["pkg/new.py"])
+    (train_two, val_two), _ = split_names(monkeypatch, tmp_path, tmp_path / "elsewhere" / "two", library)
+    assert val_two - {"pkg/new.py"} == val and train_two - {"pkg/new.py"} == train
+
+
+def test_python_code_names_are_relative_to_the_deepest_library_folder(tmp_path):
+    library = python_tree(tmp_path / "prefix", ["pkg/a.py", "pkg/b.py"])
+    (tmp_path / "prefix" / "bin").mkdir()
+    (tmp_path / "prefix" / "bin" / "tool.py").write_text("print()\n")
+    sources = domains_module.python_code_sources([tmp_path / "prefix"], [library])
+    assert sorted(s.name for s in sources) == ["bin/tool.py", "pkg/a.py", "pkg/b.py"]
+    assert sources == domains_module.python_code_sources([tmp_path / "prefix", library], [library])  # listed once
+
+
+def test_python_code_cap_is_shared_between_the_splits(tmp_path, monkeypatch):
+    library = python_tree(tmp_path / "one", NAMES)
+    (train, val), dm = split_names(monkeypatch, tmp_path, tmp_path / "one", library, max_bytes_per_domain=4000)
+    assert dm.summary()["code"]["bytes"] <= 4000
+    assert len(dm._train["code"].tokens) == 3000 and len(dm._val["code"].tokens) == 1000
+    assert train and val and not train & val
+    with pytest.raises(ValueError, match=r"data\.domains\.code: its validation files give 10 bytes"):
+        split_names(monkeypatch, tmp_path, tmp_path / "one", library, max_bytes_per_domain=40)
+
+
+def test_python_code_reads_offline_and_from_its_cache(tmp_path, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("python-code tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    library = python_tree(tmp_path / "one", NAMES)
+    first, _ = split_names(monkeypatch, tmp_path, tmp_path / "one", library)
+    cached = sorted(os.listdir(tmp_path / "cache" / "generator"))
+    assert len(cached) >= 2  # one cached dataset per split
+    assert split_names(monkeypatch, tmp_path, tmp_path / "one", library)[0] == first
+    assert sorted(os.listdir(tmp_path / "cache" / "generator")) == cached
+
+
+def test_python_code_cannot_share_a_domain_or_hold_one_file(tmp_path, monkeypatch, corpus):
+    library = python_tree(tmp_path / "one", ["only.py"])
+    monkeypatch.setitem(
+        domains_module.PRESETS, "python-code", lambda: domains_module.python_code_sources([tmp_path / "one"], [library])
+    )
+    with pytest.raises(ValueError, match=r"data\.domains\.code: splitting by file needs ≥ 2 files, found 1"):
+        TextDomains({"code": "python-code"}, block_size=4, cache_dir=str(tmp_path / "cache")).setup("fit")
+    mixed = {"code": ["python-code", str(corpus / "b" / "notes.md")]}
+    with pytest.raises(ValueError, match=r"data\.domains\.code: python-code is split by file and cannot share"):
+        TextDomains(mixed, block_size=4, cache_dir=str(tmp_path / "cache")).setup("fit")
+
+
+def test_python_code_preset_reads_the_interpreter_prefix(tmp_path):
+    sources = domains_module.resolve_domain("code", "python-code")
+    names = {s.name for s in sources}
+    assert {"os.py", "json/decoder.py", "torch/__init__.py", "lightning/__init__.py"} <= names
+    assert not any(os.path.isabs(name) or "__pycache__" in name for name in names)
+    dm = TextDomains({"code": "python-code"}, block_size=64, max_bytes_per_domain=60_000, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    assert dm.summary()["code"]["bytes"] == 60_000
+    assert b"def " in bytes(dm._train["code"].tokens.numpy())

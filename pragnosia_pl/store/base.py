@@ -32,7 +32,9 @@ elements) with the expert's initial record, deterministically from ``(seed, expe
 STORE_KINDS = ("device", "host", "disk")
 SNAPSHOT_FORMAT = "pragnosia-expert-store"
 SNAPSHOT_VERSION = 1
-SNAPSHOT_CHUNK_BYTES = 64 << 20  # snapshot and restore stream records through a buffer of at most this size
+# Snapshot and restore stream records through a buffer of at most this size (one record if records are larger).
+# Small, so a checkpoint adds a few MiB to the process, the same whether 8 or 10⁶ experts were materialized.
+SNAPSHOT_CHUNK_BYTES = 4 << 20
 HOST_CHUNK_BYTES = 32 << 20  # HostStore's record arenas grow geometrically up to about this size
 
 
