@@ -136,8 +136,8 @@ def one_line(error: BaseException) -> str:
     jsonargparse's report of every Union alternative: the innermost such error is the message. A report of a
     bad command line or config file becomes ``<key>: <what is wrong>``.
     """
-    while isinstance(error.__cause__, USER_ERRORS):
-        error = error.__cause__
+    while "\n" in str(error).strip() and isinstance(error.__cause__, USER_ERRORS):
+        error = error.__cause__  # a multi-line report around the real error; one-line errors keep their context
     message = str(error).strip()
     if "\n" not in message:
         return message

@@ -67,10 +67,7 @@ class ExpertResidency:
         if keep_snapshots is not None and keep_snapshots < 1:
             raise ValueError(f"model.keep_snapshots ({keep_snapshots}) must be ≥ 1 or null (keep all)")
         if store_dir is not None:
-            try:
-                Path(store_dir).mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise ValueError(f"model.store_dir ({store_dir}) cannot be created: {error.strerror}") from None
+            _check_creatable(Path(store_dir))
         self.kind = kind
         self.num_experts = num_experts
         self.record_numel = record_numel
@@ -230,6 +227,20 @@ class ExpertResidency:
                 path=error.path,
             ) from error
         self._pending_snapshot = None
+
+
+def _check_creatable(directory: Path) -> None:
+    """Raise ``ValueError`` naming ``model.store_dir`` unless ``directory`` exists or can be made (what this makes
+    to find out, it removes: a run that fails later leaves nothing behind)."""
+    missing = [folder for folder in [directory, *directory.parents] if not folder.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"model.store_dir ({directory}) cannot be created: {error.strerror}") from None
+    finally:
+        for folder in missing:  # deepest first
+            if folder.is_dir():
+                folder.rmdir()
 
 
 def _remove_tree(path: Path) -> None:

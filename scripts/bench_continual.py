@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Continual-learning benchmark (issue 7): domains in sequence, forgetting of PragnosiaLM variants vs baselines.
 
-    python scripts/bench_continual.py                       # full run, writes scripts/results/continual/
-    python scripts/bench_continual.py --quick --out /tmp/c  # seconds: tiny widths, 4 steps per stage
-    python scripts/bench_continual.py --variants naive "frozen shared + protected, m=8" --baselines global_moe
-    python scripts/bench_continual.py --variant-json '{"mine": {"consolidation": {"shared_lr_factor": 0.3}}}'
+python scripts/bench_continual.py                       # full run, writes scripts/results/continual/
+python scripts/bench_continual.py --quick --out /tmp/c  # seconds: tiny widths, 4 steps per stage
+python scripts/bench_continual.py --variants naive "frozen shared + protected, m=8" --baselines global_moe
+python scripts/bench_continual.py --variant-json '{"mine": {"consolidation": {"shared_lr_factor": 0.3}}}'
 """
 
 from __future__ import annotations
@@ -38,9 +38,14 @@ def main() -> None:
     overrides = {
         key: value
         for key, value in dict(
-            baselines=args.baselines, schedule=args.schedule, steps_per_stage=args.steps_per_stage,
-            batches_per_epoch=args.batches_per_epoch, d_model=args.d_model, num_experts=args.num_experts,
-            max_bytes_per_domain=args.max_bytes_per_domain, seed=args.seed,
+            baselines=args.baselines,
+            schedule=args.schedule,
+            steps_per_stage=args.steps_per_stage,
+            batches_per_epoch=args.batches_per_epoch,
+            d_model=args.d_model,
+            num_experts=args.num_experts,
+            max_bytes_per_domain=args.max_bytes_per_domain,
+            seed=args.seed,
         ).items()
         if value is not None
     }

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Quality benchmark (issue 6): PragnosiaLM vs GlobalMoE vs DenseLM, final val bpb and learning curves.
 
-    python scripts/bench_quality.py                      # full run, writes scripts/results/quality/
-    python scripts/bench_quality.py --quick --out /tmp/q # seconds: tiny widths, 20 steps, n=8
-    python scripts/bench_quality.py --num-experts 8 --steps 600 --pragnosia '{"local_lr": 0.1}'
+python scripts/bench_quality.py                      # full run, writes scripts/results/quality/
+python scripts/bench_quality.py --quick --out /tmp/q # seconds: tiny widths, 20 steps, n=8
+python scripts/bench_quality.py --num-experts 8 --steps 600 --pragnosia '{"local_lr": 0.1}'
 """
 
 from __future__ import annotations
@@ -45,17 +45,27 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PragnosiaLM run (variants only)")
     parser.add_argument("--accelerator", help="Lightning accelerator of every run (default cpu; gpu to use a GPU)")
     parser.add_argument("--pragnosia", type=json.loads, help="extra PragnosiaLM kwargs as JSON")
-    parser.add_argument("--variants", nargs="+", metavar="NAME_OR_JSON",
-                        help=f"more PragnosiaLM runs: preset names ({', '.join(PRESET_VARIANTS)}) and/or JSON "
-                             '{name: kwargs} objects, e.g. tuned \'{"adam": {"expert_optimizer": "adam"}}\'; '
-                             "default: streamed bounded")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME_OR_JSON",
+        help=f"more PragnosiaLM runs: preset names ({', '.join(PRESET_VARIANTS)}) and/or JSON "
+        '{name: kwargs} objects, e.g. tuned \'{"adam": {"expert_optimizer": "adam"}}\'; '
+        "default: streamed bounded",
+    )
     args = parser.parse_args()
     overrides = {
         key: value
         for key, value in dict(
-            num_experts=args.num_experts, models=args.models, steps=args.steps, eval_every=args.eval_every,
-            max_bytes_per_domain=args.max_bytes_per_domain, local_lr=args.local_lr, seed=args.seed,
-            pragnosia=args.pragnosia, variants=args.variants and variants_or_exit(args.variants, parser),
+            num_experts=args.num_experts,
+            models=args.models,
+            steps=args.steps,
+            eval_every=args.eval_every,
+            max_bytes_per_domain=args.max_bytes_per_domain,
+            local_lr=args.local_lr,
+            seed=args.seed,
+            pragnosia=args.pragnosia,
+            variants=args.variants and variants_or_exit(args.variants, parser),
             accelerator=args.accelerator,
         ).items()
         if value is not None

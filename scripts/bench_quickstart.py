@@ -43,9 +43,15 @@ def run(config: dict, name: str, out: Path) -> dict:
     after = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     steps = cli.trainer.global_step
     tokens = steps * cli.datamodule.hparams.batch_size * cli.datamodule.hparams.block_size
-    return {"model": MODELS[name].__name__, "steps": steps, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "val_bpb_before": before["val/bpb"], "val_bpb_after": after["val/bpb"],
-            "per_domain_after": {k: v for k, v in after.items() if k.startswith("val/bpb/")}}
+    return {
+        "model": MODELS[name].__name__,
+        "steps": steps,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "val_bpb_before": before["val/bpb"],
+        "val_bpb_after": after["val/bpb"],
+        "per_domain_after": {k: v for k, v in after.items() if k.startswith("val/bpb/")},
+    }
 
 
 def main() -> None:
@@ -61,12 +67,16 @@ def main() -> None:
     results = [run(config, name, args.out) for name in args.models]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quickstart.json").write_text(json.dumps(results, indent=2))
-    lines = ["| model | steps | wall time (s) | tokens/s | val bpb before | val bpb after | after, per domain |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| model | steps | wall time (s) | tokens/s | val bpb before | val bpb after | after, per domain |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in results:
         domains = ", ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in r["per_domain_after"].items())
-        lines.append(f"| {r['model']} | {r['steps']} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} "
-                     f"| {r['val_bpb_before']:.2f} | {r['val_bpb_after']:.2f} | {domains} |")
+        lines.append(
+            f"| {r['model']} | {r['steps']} | {r['seconds']:.0f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['val_bpb_before']:.2f} | {r['val_bpb_after']:.2f} | {domains} |"
+        )
     (args.out / "quickstart.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

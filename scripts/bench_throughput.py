@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Throughput benchmark (issue 6): training tokens/s per expert store and cache size, and GlobalMoE.
 
-    python scripts/bench_throughput.py                      # full run, writes scripts/results/throughput/
-    python scripts/bench_throughput.py --quick --out /tmp/t # seconds: tiny widths, n=8
-    python scripts/bench_throughput.py --profile 64 disk 2  # torch.profiler table of one contender's steps
+python scripts/bench_throughput.py                      # full run, writes scripts/results/throughput/
+python scripts/bench_throughput.py --quick --out /tmp/t # seconds: tiny widths, n=8
+python scripts/bench_throughput.py --profile 64 disk 2  # torch.profiler table of one contender's steps
 """
 
 from __future__ import annotations
@@ -31,13 +31,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--window-steps", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default 1; 0: torch's default)")
-    parser.add_argument("--profile", nargs=3, metavar=("N", "STORE", "CACHE"),
-                        help="print a torch.profiler table of one PragnosiaLM contender instead")
+    parser.add_argument(
+        "--profile",
+        nargs=3,
+        metavar=("N", "STORE", "CACHE"),
+        help="print a torch.profiler table of one PragnosiaLM contender instead",
+    )
     args = parser.parse_args()
     overrides = {
         key: value
         for key, value in dict(
-            num_experts=args.num_experts, stores=args.stores, cache_factors=args.cache_factors, rounds=args.rounds,
+            num_experts=args.num_experts,
+            stores=args.stores,
+            cache_factors=args.cache_factors,
+            rounds=args.rounds,
             window_steps=args.window_steps,
         ).items()
         if value is not None

@@ -29,12 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("scripts/results/constant_memory"))
     parser.add_argument("--store", choices=["disk", "host"], default=None, help="default: disk on CPU, host on CUDA")
     parser.add_argument("--baseline-max-experts", type=int, default=256, help="largest n for GlobalMoE (0: none)")
-    parser.add_argument("--malloc-trim-threshold", type=int, default=4 * 2**20,
-                        help="glibc MALLOC_TRIM_THRESHOLD_ for each run, in bytes (-1: the allocator's default)")
+    parser.add_argument(
+        "--malloc-trim-threshold",
+        type=int,
+        default=4 * 2**20,
+        help="glibc MALLOC_TRIM_THRESHOLD_ for each run, in bytes (-1: the allocator's default)",
+    )
     parser.add_argument("--router", choices=["product", "flat"], default="product", help="PragnosiaLM's router")
-    parser.add_argument("--per-token", action="store_true",
-                        help="PragnosiaLM routes each token to its own top-k of all n experts (expert_slots = n), "
-                             "streamed through --expert-cache slots")
+    parser.add_argument(
+        "--per-token",
+        action="store_true",
+        help="PragnosiaLM routes each token to its own top-k of all n experts (expert_slots = n), "
+        "streamed through --expert-cache slots",
+    )
     parser.add_argument("--expert-cache", type=int, default=2, help="PragnosiaLM's device slots (default 2)")
     parser.add_argument("--pragnosia", type=json.loads, default={}, help="further PragnosiaLM kwargs as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny widths, few steps, two n (for tests)")
@@ -61,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             result = run_isolated(spec)
             runs.append(result)
-            tqdm.write(f"{spec.model:>9} n={spec.num_experts:<5} mean peak {result.summary['mean_bytes'] / 2**20:8.1f} "
-                       f"MiB  cv {100 * result.summary['cv']:.2f}%  ({time.perf_counter() - start:.0f} s)")
+            tqdm.write(
+                f"{spec.model:>9} n={spec.num_experts:<5} mean peak {result.summary['mean_bytes'] / 2**20:8.1f} "
+                f"MiB  cv {100 * result.summary['cv']:.2f}%  ({time.perf_counter() - start:.0f} s)"
+            )
     decision = write_report(runs, args.out)
     print(markdown_table(runs, verdict(runs)))
     print(f"wrote {args.out}/constant_memory.json, .md and .png")

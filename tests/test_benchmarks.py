@@ -29,10 +29,19 @@ def run_script(name: str, *args: str, monkeypatch) -> None:
 def test_bench_quality_quick(tmp_path, monkeypatch):
     out = tmp_path / "quality"
     variants = json.dumps({"bte": {"objective": "exact", "expert_optimizer": "adam"}})
-    run_script("bench_quality.py", "--quick", "--out", str(out), "--variants", variants, "exact",
-               monkeypatch=monkeypatch)
-    for name in ("quality.json", "quality.md", "curves.png", "curve_pragnosia_n8.png", "curve_pragnosia_n8_bte.png",
-                 "curve_pragnosia_n8_exact.png", "curve_global_moe_n8.png", "curve_dense.png"):
+    run_script(
+        "bench_quality.py", "--quick", "--out", str(out), "--variants", variants, "exact", monkeypatch=monkeypatch
+    )
+    for name in (
+        "quality.json",
+        "quality.md",
+        "curves.png",
+        "curve_pragnosia_n8.png",
+        "curve_pragnosia_n8_bte.png",
+        "curve_pragnosia_n8_exact.png",
+        "curve_global_moe_n8.png",
+        "curve_dense.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "quality.json").read_text())
     labels = ["PragnosiaLM n=8", "PragnosiaLM n=8 [bte]", "PragnosiaLM n=8 [exact]", "GlobalMoE n=8", "DenseLM"]
@@ -68,21 +77,33 @@ def test_bench_throughput_quick(tmp_path, monkeypatch):
 
 def test_plans():
     assert [p.label for p in plan_runs(QualityConfig(num_experts=(8, 32), variants={}))] == [
-        "PragnosiaLM n=8", "GlobalMoE n=8", "PragnosiaLM n=32", "GlobalMoE n=32", "DenseLM"
+        "PragnosiaLM n=8",
+        "GlobalMoE n=8",
+        "PragnosiaLM n=32",
+        "GlobalMoE n=32",
+        "DenseLM",
     ]
     assert [p.label for p in plan_runs(QualityConfig(num_experts=(8,), models=("pragnosia",), plain=False))] == [
-        "PragnosiaLM n=8 [exact]", "PragnosiaLM n=8 [local]"
+        "PragnosiaLM n=8 [exact]",
+        "PragnosiaLM n=8 [local]",
     ]
     contenders = plan_contenders(ThroughputConfig(), 512)
     assert [(c.store, c.expert_cache) for c in contenders] == [
-        ("device", 2), ("host", 2), ("disk", 2), ("device", 8), ("host", 8), ("disk", 8), (None, None)
+        ("device", 2),
+        ("host", 2),
+        ("disk", 2),
+        ("device", 8),
+        ("host", 8),
+        ("disk", 8),
+        (None, None),
     ]
     assert {c.expert_cache for c in plan_contenders(ThroughputConfig(cache_factors=(1, 4)), 4)} == {2, 4, None}
 
 
 def test_variants_are_presets_or_json():
     assert parse_variants(["exact", '{"adam": {"expert_optimizer": "adam"}}']) == {
-        "exact": EXACT_VARIANT, "adam": {"expert_optimizer": "adam"}
+        "exact": EXACT_VARIANT,
+        "adam": {"expert_optimizer": "adam"},
     }
     assert EXACT_VARIANT["expert_cache"] < 32 and EXACT_VARIANT["objective"] == "exact"
     assert PRESET_VARIANTS["local"] == {**EXACT_VARIANT, "objective": "local"}

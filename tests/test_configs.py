@@ -33,7 +33,10 @@ def test_bad_model_key_is_one_line_naming_the_key(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
     done = pragnosia("fit", "--config", str(config), "--model.init_args.num_active_experts", "3", cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.endswith("pragnosia: error: model.num_active_experts (3) must be ≤ model.expert_slots (2)\n")
+    assert done.stderr.endswith(
+        "pragnosia: error: model.expert_slots (2) must be between model.num_active_experts (3) and "
+        "model.num_experts (32), or null (no cap)\n"
+    )
     assert "Traceback" not in done.stderr
 
 

@@ -18,8 +18,16 @@ def gpu_trainer(tmp_path, **kwargs):
 
 
 def pragnosia(tiny, tmp_path, store: str, num_experts: int = 8, **kwargs) -> PragnosiaLM:
-    options = dict(num_experts=num_experts, num_active_experts=2, expert_slots=3, expert_cache=3, store=store,
-                   store_dir=str(tmp_path / f"store-{store}-{num_experts}"), expert_optimizer="adam", seed=0)
+    options = dict(
+        num_experts=num_experts,
+        num_active_experts=2,
+        expert_slots=3,
+        expert_cache=3,
+        store=store,
+        store_dir=str(tmp_path / f"store-{store}-{num_experts}"),
+        expert_optimizer="adam",
+        seed=0,
+    )
     options.update(kwargs)
     return PragnosiaLM(**tiny, **options)
 
@@ -62,8 +70,10 @@ def peak_allocated_while_training(model, tmp_path, steps: int = 6) -> tuple[floa
 def test_cuda_memory_does_not_grow_with_the_number_of_experts(tiny, tmp_path):
     wide = dict(tiny, d_model=64)
     ours = {n: peak_allocated_while_training(pragnosia(wide, tmp_path, "host", n), tmp_path)[0] for n in (8, 4096)}
-    theirs = {n: peak_allocated_while_training(GlobalMoE(**wide, num_experts=n, num_active_experts=2), tmp_path)[0]
-              for n in (8, 256)}
+    theirs = {
+        n: peak_allocated_while_training(GlobalMoE(**wide, num_experts=n, num_active_experts=2), tmp_path)[0]
+        for n in (8, 256)
+    }
     assert ours[4096] <= 1.02 * ours[8], ours
     expert_bytes = 4 * 2 * (2 * 64 * 4 * 64)  # weights of one expert (up + down), parameter and gradient at least
     assert theirs[256] - theirs[8] > 200 * expert_bytes, theirs

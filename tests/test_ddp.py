@@ -43,8 +43,18 @@ RELATIVE_TOLERANCE = {"router.proj.weight": 1e-2}
 DEFAULT_RELATIVE_TOLERANCE = 2e-4
 
 MODEL = dict(
-    d_model=16, n_shared_layers=1, n_heads=2, max_len=64, num_experts=8, num_active_experts=2, expert_slots=3,
-    expert_cache=3, store="disk", expert_optimizer="adam", local_lr=0.01, lr=3e-3,
+    d_model=16,
+    n_shared_layers=1,
+    n_heads=2,
+    max_len=64,
+    num_experts=8,
+    num_active_experts=2,
+    expert_slots=3,
+    expert_cache=3,
+    store="disk",
+    expert_optimizer="adam",
+    local_lr=0.01,
+    lr=3e-3,
 )
 
 SCRIPT = """import json, sys
@@ -70,7 +80,11 @@ def train(config: dict) -> dict:
     history = LossHistory()
     devices = config["devices"]
     trainer = cpu_trainer(
-        out, devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=2, enable_checkpointing=True,
+        out,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_epochs=2,
+        enable_checkpointing=True,
         callbacks=[history, ModelCheckpoint(dirpath=out / "ckpt", every_n_epochs=1, save_top_k=-1)],
     )
     dataset = token_loader(STEPS_PER_EPOCH, 2 * PER_RANK_BATCH).dataset
@@ -80,8 +94,12 @@ def train(config: dict) -> dict:
     else:  # Lightning replaces the sampler: rank r takes every other sample of the same permutation
         loader = DataLoader(dataset, batch_size=PER_RANK_BATCH)
     trainer.fit(model, train_dataloaders=loader, ckpt_path=config.get("ckpt_path"))
-    result = dict(losses=history.losses, records=expert_records(model), live=str(model.store.path.parent),
-                  state={name: t.detach().clone() for name, t in model.state_dict().items()})
+    result = dict(
+        losses=history.losses,
+        records=expert_records(model),
+        live=str(model.store.path.parent),
+        state={name: t.detach().clone() for name, t in model.state_dict().items()},
+    )
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
     return result
 
@@ -94,8 +112,9 @@ def run(tmp_path: Path, name: str, devices: int, ckpt_path: Path | None = None, 
         return [train(config)]
     script = out / "train.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
-    result = subprocess.run([sys.executable, str(script), json.dumps(config)], capture_output=True, text=True,
-                            timeout=300, cwd=out)
+    result = subprocess.run(
+        [sys.executable, str(script), json.dumps(config)], capture_output=True, text=True, timeout=300, cwd=out
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{rank}.pt") for rank in range(devices)]
 
@@ -158,8 +177,7 @@ def test_experts_were_trained(runs):
 @pytest.mark.parametrize("name", ["", "_per_token", "_exact"])
 def test_loss_curve_matches_a_single_process_with_the_global_batch(runs, name):
     ddp, (single,) = runs[f"ddp{name}"][0], runs[f"single{name}"]
-    torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), atol=LOSS_TOLERANCE,
-                               rtol=0)
+    torch.testing.assert_close(torch.tensor(ddp["losses"]), torch.tensor(single["losses"]), atol=LOSS_TOLERANCE, rtol=0)
     assert single["losses"][-1] < single["losses"][0] - 0.1  # it learns
     assert_close(ddp, single)
 

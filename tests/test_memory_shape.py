@@ -11,8 +11,9 @@ import pytest
 
 from pragnosia_pl.experiments.constant_memory import RunResult, RunSpec, run_isolated, verdict
 
-TINY = dict(d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=100_000, steps=10,
-            warmup=3)
+TINY = dict(
+    d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=100_000, steps=10, warmup=3
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,12 @@ def test_global_moe_grows_by_at_least_its_extra_experts(runs):
     small, large = runs["global", 8], runs["global", 2048]
     from pragnosia_pl import GlobalMoE
 
-    per_expert = sum(p.numel() for p in GlobalMoE(d_model=32, n_shared_layers=1, n_heads=2, num_experts=1,
-                                                  num_active_experts=1).experts.parameters())
+    per_expert = sum(
+        p.numel()
+        for p in GlobalMoE(
+            d_model=32, n_shared_layers=1, n_heads=2, num_experts=1, num_active_experts=1
+        ).experts.parameters()
+    )
     # At least their float32 parameters (gradients and Adam moments exist only for experts a step touched).
     extra = (2048 - 8) * per_expert * 4
     assert large.summary["mean_bytes"] - small.summary["mean_bytes"] >= extra
@@ -45,14 +50,33 @@ def test_verdict_logic(runs):
 
 def test_script_quick_mode_writes_its_files(tmp_path):
     done = subprocess.run(
-        [sys.executable, "scripts/prove_constant_memory.py", "--quick", "--experts", "8", "64", "--steps", "8",
-         "--warmup", "3", "--baseline-max-experts", "64", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "scripts/prove_constant_memory.py",
+            "--quick",
+            "--experts",
+            "8",
+            "64",
+            "--steps",
+            "8",
+            "--warmup",
+            "3",
+            "--baseline-max-experts",
+            "64",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode in (0, 1), done.stderr[-2000:]
     result = json.loads((tmp_path / "constant_memory.json").read_text())
     assert {(r["model"], r["num_experts"]) for r in result["runs"]} == {
-        ("pragnosia", 8), ("pragnosia", 64), ("global", 8), ("global", 64)
+        ("pragnosia", 8),
+        ("pragnosia", 64),
+        ("global", 8),
+        ("global", 64),
     }
     assert (done.returncode == 0) == result["passed"]
     assert all(len(r["per_step_bytes"]) == 8 and r["floor_bytes"] > 0 for r in result["runs"])

@@ -7,11 +7,24 @@ from pragnosia_pl import PragnosiaLM, TextDomains
 
 def test_short_real_text_run_lowers_val_bpb(tmp_path):
     data = TextDomains(
-        {"code": "stdlib-code", "prose": "stdlib-docs"}, block_size=64, batch_size=8,
-        max_bytes_per_domain=300_000, cache_dir=str(tmp_path / "cache"),
+        {"code": "stdlib-code", "prose": "stdlib-docs"},
+        block_size=64,
+        batch_size=8,
+        max_bytes_per_domain=300_000,
+        cache_dir=str(tmp_path / "cache"),
     )
-    model = PragnosiaLM(d_model=32, n_shared_layers=1, n_heads=2, num_experts=8, num_active_experts=2,
-                        local_lr=0.05, lr=3e-3, max_len=64, store="disk", store_dir=str(tmp_path / "store"))
+    model = PragnosiaLM(
+        d_model=32,
+        n_shared_layers=1,
+        n_heads=2,
+        num_experts=8,
+        num_active_experts=2,
+        local_lr=0.05,
+        lr=3e-3,
+        max_len=64,
+        store="disk",
+        store_dir=str(tmp_path / "store"),
+    )
     trainer = cpu_trainer(tmp_path, max_steps=150, limit_val_batches=4, val_check_interval=150)
     before = trainer.validate(model, datamodule=data, verbose=False)[0]
     trainer.fit(model, datamodule=data)

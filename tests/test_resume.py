@@ -9,8 +9,16 @@ from pragnosia_pl import PragnosiaLM
 
 def make(tiny, tmp_path, name, store, **kwargs):
     return PragnosiaLM(
-        **tiny, num_experts=6, num_active_experts=2, expert_slots=2, expert_cache=3, store=store,
-        store_dir=str(tmp_path / name), expert_optimizer="adam", lr=3e-3, **kwargs,
+        **tiny,
+        num_experts=6,
+        num_active_experts=2,
+        expert_slots=2,
+        expert_cache=3,
+        store=store,
+        store_dir=str(tmp_path / name),
+        expert_optimizer="adam",
+        lr=3e-3,
+        **kwargs,
     )
 
 

@@ -88,13 +88,24 @@ class RunResult:
 def build_model(spec: RunSpec):
     from pragnosia_pl import GlobalMoE, PragnosiaLM
 
-    common = dict(d_model=spec.d_model, n_shared_layers=spec.n_shared_layers, n_heads=spec.n_heads,
-                  num_experts=spec.num_experts, num_active_experts=spec.num_active_experts, max_len=spec.block_size,
-                  seed=spec.seed)
+    common = dict(
+        d_model=spec.d_model,
+        n_shared_layers=spec.n_shared_layers,
+        n_heads=spec.n_heads,
+        num_experts=spec.num_experts,
+        num_active_experts=spec.num_active_experts,
+        max_len=spec.block_size,
+        seed=spec.seed,
+    )
     if spec.model == "global":
         return GlobalMoE(**common)
-    options = dict(expert_slots=spec.expert_slots, expert_cache=spec.expert_cache, store=spec.store,
-                   store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"), router=spec.router)
+    options = dict(
+        expert_slots=spec.expert_slots,
+        expert_cache=spec.expert_cache,
+        store=spec.store,
+        store_dir=tempfile.mkdtemp(prefix="pragnosia-cm-"),
+        router=spec.router,
+    )
     return PragnosiaLM(**common, **{**options, **spec.pragnosia})
 
 
@@ -107,7 +118,7 @@ def analytic_floor(model, batch_size: int, block_size: int) -> dict[str, float]:
     shared_params = sum(p.numel() for p in model.parameters())  # GlobalMoE: its experts too
     floor = {"shared": 4.0 * 4 * shared_params}  # parameter, gradient, two Adam moments
     if hasattr(model, "layout"):
-        floor["experts"] = 4.0 * model.expert_cache_size * model.layout.record_numel
+        floor["experts"] = 4.0 * model.experts().capacity * model.layout.record_numel
         floor["expert_grad"] = 4.0 * model.layout.num_params
         hidden = model.expert_hidden
     else:
@@ -166,8 +177,13 @@ def run_one(spec: RunSpec) -> RunResult:
     from pragnosia_pl import TextDomains
 
     seed_everything(spec.seed, verbose=False)
-    data = TextDomains({"code": "stdlib-code", "prose": "stdlib-docs"}, block_size=spec.block_size,
-                       batch_size=spec.batch_size, max_bytes_per_domain=spec.max_bytes, seed=spec.seed)
+    data = TextDomains(
+        {"code": "stdlib-code", "prose": "stdlib-docs"},
+        block_size=spec.block_size,
+        batch_size=spec.batch_size,
+        max_bytes_per_domain=spec.max_bytes,
+        seed=spec.seed,
+    )
     data.prepare_data()
     data.setup("fit")
     cuda = spec.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -176,9 +192,17 @@ def run_one(spec: RunSpec) -> RunResult:
     floor = analytic_floor(model, spec.batch_size, spec.block_size)
     monitor = MemoryMonitor()
     runtime = RuntimeBaseline()
-    trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=spec.steps, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, callbacks=[runtime, monitor])
+    trainer = Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=1,
+        max_steps=spec.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[runtime, monitor],
+    )
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=data.train_dataloader())
     seconds = time.perf_counter() - start
@@ -233,27 +257,46 @@ def verdict(runs: list[RunResult], criteria: dict[str, float] = CRITERIA) -> dic
 def to_json(runs: list[RunResult], decision: dict) -> dict:
     entries = []
     for r in runs:
-        entries.append({"model": r.spec.model, "num_experts": r.spec.num_experts, "metric": r.metric,
-                        **r.summary, "runtime_bytes": r.runtime_bytes, "floor_bytes": r.floor_bytes["total"],
-                        "floor_parts": r.floor_bytes, "tokens_per_s": r.tokens_per_s, "seconds": r.seconds,
-                        "per_step_bytes": r.per_step, "spec": asdict(r.spec)})
+        entries.append(
+            {
+                "model": r.spec.model,
+                "num_experts": r.spec.num_experts,
+                "metric": r.metric,
+                **r.summary,
+                "runtime_bytes": r.runtime_bytes,
+                "floor_bytes": r.floor_bytes["total"],
+                "floor_parts": r.floor_bytes,
+                "tokens_per_s": r.tokens_per_s,
+                "seconds": r.seconds,
+                "per_step_bytes": r.per_step,
+                "spec": asdict(r.spec),
+            }
+        )
     return {"runs": entries, **decision}
 
 
 def markdown_table(runs: list[RunResult], decision: dict) -> str:
     mib = 2**20
-    lines = ["| model | n experts | mean peak (MiB) | CV | max peak (MiB) | model part (MiB) | floor (MiB) "
-             "| model/floor | tokens/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| model | n experts | mean peak (MiB) | CV | max peak (MiB) | model part (MiB) | floor (MiB) "
+        "| model/floor | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(runs, key=lambda r: (r.spec.model, r.spec.num_experts)):
         s = r.summary
-        lines.append(f"| {'PragnosiaLM' if r.spec.model == 'pragnosia' else 'GlobalMoE'} | {r.spec.num_experts} "
-                     f"| {s['mean_bytes'] / mib:.1f} | {100 * s['cv']:.2f}% | {s['peak_bytes'] / mib:.1f} "
-                     f"| {s['model_bytes'] / mib:.1f} | {r.floor_bytes['total'] / mib:.1f} | {s['floor_ratio']:.2f} "
-                     f"| {r.tokens_per_s:,.0f} |")
+        lines.append(
+            f"| {'PragnosiaLM' if r.spec.model == 'pragnosia' else 'GlobalMoE'} | {r.spec.num_experts} "
+            f"| {s['mean_bytes'] / mib:.1f} | {100 * s['cv']:.2f}% | {s['peak_bytes'] / mib:.1f} "
+            f"| {s['model_bytes'] / mib:.1f} | {r.floor_bytes['total'] / mib:.1f} | {s['floor_ratio']:.2f} "
+            f"| {r.tokens_per_s:,.0f} |"
+        )
     checks = ", ".join(f"{name}: {'pass' if ok else 'FAIL'}" for name, ok in decision["checks"].items())
-    lines += ["", f"Spread of mean peak across n (max/min): {decision['spread']:.3f}; largest CV: "
-              f"{100 * decision['max_cv']:.2f}%; largest model/floor: {decision['max_floor_ratio']:.2f}.",
-              f"Checks: {checks}. Verdict: {'PASS' if decision['passed'] else 'FAIL'}."]
+    lines += [
+        "",
+        f"Spread of mean peak across n (max/min): {decision['spread']:.3f}; largest CV: "
+        f"{100 * decision['max_cv']:.2f}%; largest model/floor: {decision['max_floor_ratio']:.2f}.",
+        f"Checks: {checks}. Verdict: {'PASS' if decision['passed'] else 'FAIL'}.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -265,16 +308,24 @@ def plot(runs: list[RunResult], path: Path) -> None:
 
     mib = 2**20
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for model, label, color in (("pragnosia", "PragnosiaLM (local, store)", "tab:blue"),
-                                ("global", "GlobalMoE (backprop, resident)", "tab:red")):
+    for model, label, color in (
+        ("pragnosia", "PragnosiaLM (local, store)", "tab:blue"),
+        ("global", "GlobalMoE (backprop, resident)", "tab:red"),
+    ):
         chosen = sorted((r for r in runs if r.spec.model == model), key=lambda r: r.spec.num_experts)
         if not chosen:
             continue
-        left.plot([r.spec.num_experts for r in chosen], [r.summary["mean_bytes"] / mib for r in chosen], "o-",
-                  color=color, label=label)
+        left.plot(
+            [r.spec.num_experts for r in chosen],
+            [r.summary["mean_bytes"] / mib for r in chosen],
+            "o-",
+            color=color,
+            label=label,
+        )
         for r in chosen:
-            right.plot(range(1, len(r.per_step) + 1), [v / mib for v in r.per_step], color=color, alpha=0.5,
-                       linewidth=1)
+            right.plot(
+                range(1, len(r.per_step) + 1), [v / mib for v in r.per_step], color=color, alpha=0.5, linewidth=1
+            )
     left.set_xscale("log", base=2)
     left.set_xlabel("number of experts n")
     left.set_ylabel(f"mean per-step peak ({runs[0].metric}), MiB")

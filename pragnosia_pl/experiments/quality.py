@@ -20,8 +20,14 @@ MODEL_KINDS = ("pragnosia", "global_moe", "dense")
 # Global backpropagation at constant memory (configs/streamed.yaml with GlobalMoE's flat router, so that it is the
 # GlobalMoE of the same seed, update for update): objective exact, each token its own top-k of all n, the touched
 # experts streamed through 8 device slots, Adam experts at the shared lr.
-EXACT_VARIANT = {"objective": "exact", "expert_slots": None, "expert_cache": 8, "expert_optimizer": "adam",
-                 "local_lr": 1e-3, "router": "flat"}
+EXACT_VARIANT = {
+    "objective": "exact",
+    "expert_slots": None,
+    "expert_cache": 8,
+    "expert_optimizer": "adam",
+    "local_lr": 1e-3,
+    "router": "flat",
+}
 # The same with at most 8 experts per step (configs/bounded.yaml's cap), and no balance term (over a capped set the
 # Switch term pushes router mass out of the set, so the set rotates from batch to batch).
 BOUNDED_VARIANT = {**EXACT_VARIANT, "expert_slots": 8, "balance_coef": 0.0}
@@ -50,7 +56,7 @@ def parse_variants(items: list[str]) -> dict[str, dict[str, Any]]:
         if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
             raise ValueError(
                 f"--variants: {item!r} is neither a preset ({', '.join(PRESET_VARIANTS)}) nor a JSON object "
-                '{name: {PragnosiaLM kwargs}}'
+                "{name: {PragnosiaLM kwargs}}"
             )
         variants.update(parsed)
     return variants
@@ -131,8 +137,16 @@ class QualityConfig:
     def quick(cls, **overrides: Any) -> QualityConfig:
         """A tiny run (seconds): width 32, one trunk layer, one n, 20 steps."""
         options: dict[str, Any] = dict(
-            num_experts=(8,), d_model=32, n_shared_layers=1, n_heads=2, block_size=32, batch_size=8, steps=20,
-            eval_every=10, max_bytes_per_domain=60_000, time_budget_min=None,
+            num_experts=(8,),
+            d_model=32,
+            n_shared_layers=1,
+            n_heads=2,
+            block_size=32,
+            batch_size=8,
+            steps=20,
+            eval_every=10,
+            max_bytes_per_domain=60_000,
+            time_budget_min=None,
         )
         options.update(overrides)
         return cls(**options)
@@ -178,16 +192,25 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
     from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
 
     common = dict(
-        d_model=config.d_model, n_shared_layers=config.n_shared_layers, n_heads=config.n_heads,
-        num_active_experts=config.num_active_experts, lr=config.lr, max_len=config.block_size, seed=config.seed,
+        d_model=config.d_model,
+        n_shared_layers=config.n_shared_layers,
+        n_heads=config.n_heads,
+        num_active_experts=config.num_active_experts,
+        lr=config.lr,
+        max_len=config.block_size,
+        seed=config.seed,
     )
     if plan.kind == "dense":
         return DenseLM(**common)
     if plan.kind == "global_moe":
         return GlobalMoE(**common, num_experts=plan.num_experts)
     options = dict(
-        common, num_experts=plan.num_experts, expert_slots=config.expert_slots, store=config.store,
-        store_dir=store_dir, local_lr=config.local_lr,
+        common,
+        num_experts=plan.num_experts,
+        expert_slots=config.expert_slots,
+        store=config.store,
+        store_dir=store_dir,
+        local_lr=config.local_lr,
     )
     options.update(config.pragnosia)
     variant = config.variants.get(plan.variant, {})
@@ -202,8 +225,10 @@ def parameter_counts(model) -> dict[str, int]:
     shared = sum(p.numel() for p in model.parameters())
     if isinstance(model, PragnosiaLM):
         expert = model.layout.num_params
-        return {"active": shared + model.hparams.num_active_experts * expert,
-                "total": shared + model.hparams.num_experts * expert}
+        return {
+            "active": shared + model.hparams.num_active_experts * expert,
+            "total": shared + model.hparams.num_experts * expert,
+        }
     if isinstance(model, GlobalMoE):
         expert = sum(p.numel() for p in model.experts[0].parameters())
         non_expert = shared - model.hparams.num_experts * expert
@@ -250,10 +275,19 @@ def _trainer(root: str, steps: int, eval_every: int | None, callbacks: list, acc
 
     validate = eval_every is not None
     return Trainer(
-        accelerator=accelerator, devices=1, max_steps=steps, default_root_dir=root, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=1.0 if validate else 0, val_check_interval=eval_every if validate else None,
-        check_val_every_n_epoch=None if validate else 1, callbacks=callbacks,
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if validate else 0,
+        val_check_interval=eval_every if validate else None,
+        check_val_every_n_epoch=None if validate else 1,
+        callbacks=callbacks,
     )
 
 
@@ -268,9 +302,14 @@ def train_one(config: QualityConfig, plan: RunPlan, data, steps: int, root: str,
     trainer = _trainer(root, steps, eval_every, [recorder], config.accelerator)
     trainer.fit(model, datamodule=data)
     result: dict[str, Any] = {
-        "label": plan.label, "slug": plan.slug, "kind": plan.kind, "num_experts": plan.num_experts,
-        "variant": plan.variant, "steps": trainer.global_step,
-        "params": parameter_counts(model), "train_seconds": recorder.train_seconds,
+        "label": plan.label,
+        "slug": plan.slug,
+        "kind": plan.kind,
+        "num_experts": plan.num_experts,
+        "variant": plan.variant,
+        "steps": trainer.global_step,
+        "params": parameter_counts(model),
+        "train_seconds": recorder.train_seconds,
         "steps_per_s": recorder.train_steps / recorder.train_seconds if recorder.train_seconds else math.nan,
     }
     if validate:
@@ -292,8 +331,12 @@ def make_datamodule(config: QualityConfig):
     from pragnosia_pl import TextDomains
 
     data = TextDomains(
-        dict(config.domains), block_size=config.block_size, batch_size=config.batch_size,
-        max_bytes_per_domain=config.max_bytes_per_domain, seed=config.seed, cache_dir=config.cache_dir,
+        dict(config.domains),
+        block_size=config.block_size,
+        batch_size=config.batch_size,
+        max_bytes_per_domain=config.max_bytes_per_domain,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
     )
     data.prepare_data()
     data.setup("fit")
@@ -321,8 +364,13 @@ def fit_budget(
     run = steps
     if seconds > 60 * minutes:
         run = max(eval_every, int(steps * 60 * minutes / seconds) // eval_every * eval_every)
-    budget = {"minutes": minutes, "probe_steps_per_s": steps_per_s, "estimated_minutes": seconds / 60,
-              "steps_requested": steps, "steps_run": run}
+    budget = {
+        "minutes": minutes,
+        "probe_steps_per_s": steps_per_s,
+        "estimated_minutes": seconds / 60,
+        "steps_requested": steps,
+        "steps_run": run,
+    }
     return run, budget
 
 
@@ -343,8 +391,10 @@ def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
             speeds = probe_steps_per_s(config, runs, data, root)
             steps, budget = fit_budget(config.steps, config.eval_every, speeds, config.time_budget_min)
             if steps != config.steps:
-                log(f"quality: {budget['estimated_minutes']:.0f} min estimated for {config.steps} steps; "
-                    f"cut to {steps} steps")
+                log(
+                    f"quality: {budget['estimated_minutes']:.0f} min estimated for {config.steps} steps; "
+                    f"cut to {steps} steps"
+                )
         results = []
         for plan in runs:
             log(f"quality: training {plan.label} for {steps} steps")
@@ -403,7 +453,8 @@ def quality_markdown(report: dict) -> str:
         + (f", {config['pragnosia']}" if config["pragnosia"] else "")
         + f"; shared AdamW lr {config['lr']}.",
         *[f"Variant [{name}]: {kwargs}." for name, kwargs in config["variants"].items()],
-        "Data: " + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in report["data"].items())
+        "Data: "
+        + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in report["data"].items())
         + f" (max_bytes_per_domain={config['max_bytes_per_domain']}), mixed; val = held-out blocks of each domain.",
     ]
     budget = report.get("time_budget")
@@ -423,6 +474,7 @@ def quality_markdown(report: dict) -> str:
         )
     lines += ["", "Goals (final val bpb, all domains):", ""]
     for n, goal in report["goals"].items():
+
         def mark(ok):
             return "n/a" if ok is None else ("yes" if ok else "**no**")
 

@@ -84,8 +84,15 @@ class ThroughputConfig:
     def quick(cls, **overrides: Any) -> ThroughputConfig:
         """A tiny run (seconds): width 32, one trunk layer, n=8, one timed round of 3 steps."""
         options: dict[str, Any] = dict(
-            num_experts=(8,), d_model=32, n_shared_layers=1, n_heads=2, block_size=32, batch_size=4,
-            window_steps=3, rounds=1, max_bytes_per_domain=60_000,
+            num_experts=(8,),
+            d_model=32,
+            n_shared_layers=1,
+            n_heads=2,
+            block_size=32,
+            batch_size=4,
+            window_steps=3,
+            rounds=1,
+            max_bytes_per_domain=60_000,
         )
         options.update(overrides)
         return cls(**options)
@@ -131,15 +138,24 @@ def build_model(config: ThroughputConfig, contender: Contender, root: str):
     from pragnosia_pl import GlobalMoE, PragnosiaLM
 
     common = dict(
-        d_model=config.d_model, n_shared_layers=config.n_shared_layers, n_heads=config.n_heads,
-        num_experts=contender.num_experts, num_active_experts=config.num_active_experts, max_len=config.block_size,
+        d_model=config.d_model,
+        n_shared_layers=config.n_shared_layers,
+        n_heads=config.n_heads,
+        num_experts=contender.num_experts,
+        num_active_experts=config.num_active_experts,
+        max_len=config.block_size,
     )
     if contender.store is None:
         return GlobalMoE(**common)
     store_dir = Path(root) / f"n{contender.num_experts}-{contender.store}-c{contender.expert_cache}"
     options = dict(
-        common, expert_slots=config.expert_slots, expert_cache=contender.expert_cache, store=contender.store,
-        store_dir=str(store_dir), local_lr=config.local_lr, seed=config.seed,
+        common,
+        expert_slots=config.expert_slots,
+        expert_cache=contender.expert_cache,
+        store=contender.store,
+        store_dir=str(store_dir),
+        local_lr=config.local_lr,
+        seed=config.seed,
     )
     options.update(config.pragnosia)
     model = PragnosiaLM(**options)
@@ -187,8 +203,15 @@ def train_window(contender: Contender, batches: list, config: ThroughputConfig, 
 
     timer = _step_timer()
     trainer = Trainer(
-        accelerator="auto", devices=1, max_steps=len(batches), default_root_dir=root, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        accelerator="auto",
+        devices=1,
+        max_steps=len(batches),
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
         callbacks=[timer],
     )
     from torch.utils.data import DataLoader
@@ -202,8 +225,12 @@ def draw_batches(config: ThroughputConfig, count: int) -> list:
     from pragnosia_pl import TextDomains
 
     data = TextDomains(
-        dict(config.domains), block_size=config.block_size, batch_size=config.batch_size,
-        max_bytes_per_domain=config.max_bytes_per_domain, seed=config.seed, cache_dir=config.cache_dir,
+        dict(config.domains),
+        block_size=config.block_size,
+        batch_size=config.batch_size,
+        max_bytes_per_domain=config.max_bytes_per_domain,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
     )
     data.prepare_data()
     data.setup("fit")
@@ -355,9 +382,10 @@ def throughput_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
+
         def fmt(key, spec=".2f"):
-            return "" if r.get(key) is None or (isinstance(r[key], float) and math.isnan(r[key])) else format(
-                r[key], spec
+            return (
+                "" if r.get(key) is None or (isinstance(r[key], float) and math.isnan(r[key])) else format(r[key], spec)
             )
 
         lines.append(
@@ -377,8 +405,9 @@ def throughput_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def profile_step(config: ThroughputConfig, num_experts: int, store: str, expert_cache: int, steps: int = 6,
-                 row_limit: int = 30) -> str:
+def profile_step(
+    config: ThroughputConfig, num_experts: int, store: str, expert_cache: int, steps: int = 6, row_limit: int = 30
+) -> str:
     """``torch.profiler`` table (self CPU time) of ``steps`` training steps of one ``PragnosiaLM`` contender."""
     import torch
     from lightning.pytorch import Callback, seed_everything
@@ -408,9 +437,18 @@ def profile_step(config: ThroughputConfig, num_experts: int, store: str, expert_
         contender = Contender(num_experts, store, expert_cache)
         model = build_model(config, contender, root)
         profiled = Profiled()
-        trainer = Trainer(accelerator="auto", devices=1, max_steps=len(batches), default_root_dir=root, logger=False,
-                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                          limit_val_batches=0, callbacks=[profiled])
+        trainer = Trainer(
+            accelerator="auto",
+            devices=1,
+            max_steps=len(batches),
+            default_root_dir=root,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[profiled],
+        )
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
         model.store.close()
     return profiled.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
