@@ -1,7 +1,7 @@
 """Peak memory per training step against the number of experts: PragnosiaLM (flat) vs GlobalMoE (growing).
 
     python scripts/prove_constant_memory.py [--experts 8 16 ... 1024] [--steps 50] [--warmup 10] [--out DIR]
-        [--store disk|host] [--baseline-max-experts N] [--quick]
+        [--store disk|host] [--baseline-max-experts N] [--batch-size B] [--per-token] [--pragnosia JSON] [--quick]
 
 Each configuration runs in its own process. Writes DIR/constant_memory.{json,md,png}; exit code 0 only when
 every check passes (CV < 2% within runs, max/min of mean memory across n ≤ 1.05, model memory ≤ 1.2 × the
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         "streamed through --expert-cache slots",
     )
     parser.add_argument("--expert-cache", type=int, default=2, help="PragnosiaLM's device slots (default 2)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences of 128 bytes per step (default 16)")
     parser.add_argument("--pragnosia", type=json.loads, default={}, help="further PragnosiaLM kwargs as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny widths, few steps, two n (for tests)")
     args = parser.parse_args(argv)
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     store = args.store or ("host" if torch.cuda.is_available() else "disk")
     trim = None if args.malloc_trim_threshold < 0 else args.malloc_trim_threshold
-    shared = dict(steps=args.steps, warmup=args.warmup, store=store, malloc_trim_threshold=trim)
+    shared = dict(
+        steps=args.steps, warmup=args.warmup, store=store, malloc_trim_threshold=trim, batch_size=args.batch_size
+    )
     if args.quick:
         shared.update(d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=200_000)
     pragnosia = {"expert_slots": None, **args.pragnosia} if args.per_token else args.pragnosia

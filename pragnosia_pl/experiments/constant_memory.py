@@ -126,11 +126,14 @@ def analytic_floor(model, batch_size: int, block_size: int) -> dict[str, float]:
         floor["expert_grad"] = 0.0
         hidden = model.experts[0].up.out_features
     # Saved for backward per trunk block: norms, q/k/v, attention output, FFN in/hidden/activation (≈ 18·N·d),
-    # plus attention weights; the head's logits, their softmax and gradient (3·N·V); one expert's local graph.
-    trunk = n_layers * (18 * N * d + 2 * batch_size * heads * block_size * block_size)
+    # plus attention weights, for one micro-batch; the head's logits, their softmax and gradient (3·N·V); one
+    # expert's local graph; the per-token tensors (h, z, the mixture, dL/dh: 4·N·d; every expert output: k·N·d).
+    micro = min(batch_size, getattr(model.hparams, "micro_batch", None) or batch_size)
+    trunk = n_layers * (18 * micro * block_size * d + 2 * micro * heads * block_size * block_size)
     head = 3 * N * vocab
     expert = N * (3 * d + 2 * hidden) + 3 * N * vocab
-    floor["activations"] = 4.0 * (trunk + head + expert + 4 * N * d)
+    per_token = (4 + model.hparams.num_active_experts) * N * d
+    floor["activations"] = 4.0 * (trunk + head + expert + per_token)
     floor["total"] = sum(floor.values())
     return floor
 

@@ -1,0 +1,278 @@
+"""Step time and store reads of the expert-major engine's recipes against GlobalMoE (issue 15).
+
+Every contender of one n lives in one process and they take turns: each round, each trains one window of
+``window_steps`` batches (the same batches for all, new ones each round) with a fresh ``Trainer``, in an order that
+rotates from round to round, so the machine's drift hits all alike and every ratio comes from the same run. The
+first round is warm-up; the first step of each window is not timed. Disk stores start materialized (every record
+written once), so reads are real reads, as in a long run.
+
+The recipes are the shipped configs (``configs/*.yaml``, model section) with ``num_experts``, the store and its
+folder replaced; ``GlobalMoE`` gets the config's widths, the same seed and clipping, and its standard flat router.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# name: (config file, PragnosiaLM overrides); None: GlobalMoE
+RECIPES: dict[str, tuple[str, dict[str, Any]] | None] = {
+    "local S=2": ("quickstart.yaml", {}),
+    "local S=8": ("quickstart.yaml", {"expert_slots": 8, "expert_cache": 8}),
+    "local": ("quickstart.yaml", {"expert_slots": None, "expert_cache": 8}),
+    "exact": ("streamed.yaml", {}),
+    "GlobalMoE": None,
+}
+
+
+def model_options(config_file: str) -> dict[str, Any]:
+    """The ``model.init_args`` of a shipped config."""
+    return dict(yaml.safe_load((CONFIGS / config_file).read_text())["model"]["init_args"])
+
+
+@dataclass
+class EngineBenchConfig:
+    """One run of the benchmark.
+
+    Args:
+        num_experts: n values; each is one group of interleaved contenders.
+        recipes: names from :data:`RECIPES`.
+        global_moe_max: largest n at which ``GlobalMoE`` runs (every expert resident).
+        batch_size, block_size: the batch (sequences × bytes).
+        window_steps, rounds, warmup_rounds: timing protocol (above).
+        threads: torch CPU threads.
+    """
+
+    num_experts: tuple[int, ...] = (8, 64, 512, 4096)
+    recipes: tuple[str, ...] = tuple(RECIPES)
+    global_moe_max: int = 512
+    batch_size: int = 16
+    block_size: int = 128
+    window_steps: int = 4
+    rounds: int = 3
+    warmup_rounds: int = 1
+    threads: int = 1
+    seed: int = 0
+    max_bytes_per_domain: int = 1_000_000
+    overrides: dict[str, Any] = field(default_factory=dict)  # every model's widths (e.g. {"d_model": 32})
+
+    def __post_init__(self) -> None:
+        unknown = [r for r in self.recipes if r not in RECIPES]
+        if unknown:
+            raise ValueError(f"recipes ({', '.join(unknown)}) must be among: {', '.join(RECIPES)}")
+        if self.window_steps < 2 or self.rounds < 1:
+            raise ValueError(f"window_steps ({self.window_steps}) must be ≥ 2 and rounds ({self.rounds}) ≥ 1")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size
+
+
+@dataclass
+class Contender:
+    recipe: str
+    num_experts: int
+    model: Any = None
+    step_seconds: list[float] = field(default_factory=list)
+    reads: float = 0.0
+    updates: float = 0.0
+    timed_steps: int = 0
+
+
+def build(config: EngineBenchConfig, contender: Contender, root: Path):
+    import torch
+
+    from pragnosia_pl import GlobalMoE, PragnosiaLM
+
+    recipe = RECIPES[contender.recipe]
+    if recipe is None:
+        options = model_options("streamed.yaml")
+        shared = {k: options[k] for k in ("d_model", "n_shared_layers", "n_heads", "num_active_experts", "lr")}
+        shared.update(config.overrides)
+        return GlobalMoE(**shared, num_experts=contender.num_experts, seed=config.seed)
+    config_file, overrides = recipe
+    options = {**model_options(config_file), **overrides, **config.overrides}
+    folder = root / f"{contender.recipe.replace(' ', '_').replace('=', '')}-n{contender.num_experts}"
+    options.update(num_experts=contender.num_experts, store="disk", store_dir=str(folder), seed=config.seed)
+    model = PragnosiaLM(**options)
+    store = model.store
+    record = torch.empty(store.record_numel)
+    for expert_id in range(store.num_experts):  # materialized: reads are reads, as in a long run
+        store.read(expert_id, record)
+        store.write(expert_id, record)
+    store.synchronize()
+    return model
+
+
+def _counters(model) -> tuple[float, float]:
+    stats = model.memory_stats() if hasattr(model, "memory_stats") else {}
+    return stats.get("store_reads", 0.0), stats.get("expert_updates", 0.0)
+
+
+def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: Path, log=print) -> list[dict]:
+    from pragnosia_pl.experiments.throughput import train_window
+
+    names = [r for r in config.recipes if RECIPES[r] is not None or num_experts <= config.global_moe_max]
+    contenders = [Contender(name, num_experts) for name in names]
+    for contender in contenders:
+        log(f"engine: n={num_experts} building {contender.recipe}")
+        contender.model = build(config, contender, root)
+    W = config.window_steps
+    timing = _Timing(config)
+    for round_index in range(config.warmup_rounds + config.rounds):
+        window = batches[round_index * W : (round_index + 1) * W]
+        shift = round_index % len(contenders)
+        for contender in contenders[shift:] + contenders[:shift]:
+            before = _counters(contender.model)
+            seconds = train_window(_Adapter(contender), window, timing, str(root))
+            if round_index >= config.warmup_rounds:
+                after = _counters(contender.model)
+                contender.step_seconds += seconds
+                contender.reads += after[0] - before[0]
+                contender.updates += after[1] - before[1]
+                contender.timed_steps += W  # reads and updates count the untimed first step too
+        log(f"engine: n={num_experts} round {round_index + 1}/{config.warmup_rounds + config.rounds} done")
+    results = [summarize(config, c) for c in contenders]
+    for contender in contenders:
+        if hasattr(contender.model, "residency"):
+            contender.model.store.close()
+        contender.model = None
+    global_ms = next((r["step_ms_median"] for r in results if r["recipe"] == "GlobalMoE"), None)
+    for result in results:
+        result["step_time_vs_global_moe"] = None if global_ms is None else result["step_ms_median"] / global_ms
+    return results
+
+
+class _Adapter:
+    """What ``throughput.train_window`` reads of a contender."""
+
+    def __init__(self, contender: Contender) -> None:
+        self.model = contender.model
+
+
+class _Timing:
+    def __init__(self, config: EngineBenchConfig) -> None:
+        self.skip_steps = 1
+
+
+def summarize(config: EngineBenchConfig, contender: Contender) -> dict:
+    steps = contender.step_seconds
+    result = {
+        "recipe": contender.recipe,
+        "num_experts": contender.num_experts,
+        "timed_steps": len(steps),
+        "step_ms_median": 1e3 * statistics.median(steps),
+        "step_ms_mean": 1e3 * statistics.fmean(steps),
+        "tokens_per_s": config.tokens_per_step / statistics.median(steps),
+    }
+    if contender.recipe != "GlobalMoE":
+        k = model_options(RECIPES[contender.recipe][0]).get("num_active_experts", 2)
+        result["reads_per_step"] = contender.reads / contender.timed_steps
+        result["touched_per_step"] = contender.updates / contender.timed_steps
+        result["reads_per_touched_expert"] = contender.reads / max(contender.updates, 1.0)
+        result["token_pairs_per_read"] = contender.timed_steps * config.tokens_per_step * k / max(contender.reads, 1)
+    return result
+
+
+def run(config: EngineBenchConfig, out: Path, log=print) -> dict:
+    import time
+
+    import torch
+
+    from pragnosia_pl.experiments.throughput import ThroughputConfig, draw_batches
+
+    torch.set_num_threads(config.threads)
+    count = (config.warmup_rounds + config.rounds) * config.window_steps
+    batches = draw_batches(
+        ThroughputConfig(
+            batch_size=config.batch_size,
+            block_size=config.block_size,
+            seed=config.seed,
+            max_bytes_per_domain=config.max_bytes_per_domain,
+        ),
+        count,
+    )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pragnosia-engine-") as tmp:
+        for n in config.num_experts:
+            results += run_group(config, n, batches, Path(tmp), log)
+    report = {
+        "config": asdict(config),
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
+        f"torch {torch.__version__}, Python {platform.python_version()}",
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
+    write_report(report, out)
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def markdown(report: dict) -> str:
+    config = report["config"]
+    lines = [
+        "# Engine step time (issue 15)",
+        "",
+        f"{report['date']}, {report['machine']}. Batch {config['batch_size']}×{config['block_size']} bytes, disk "
+        f"store (materialized), {config['rounds']} timed rounds × {config['window_steps'] - 1} steps per contender, "
+        "all contenders of one n interleaved in one process. Recipes: `configs/quickstart.yaml` (local S=2; "
+        "`local S=8`: expert_slots 8, cache 8; `local`: no cap, cache 8) and `configs/streamed.yaml` (exact, "
+        "no cap, cache 8, product router); GlobalMoE: the same widths, seed and clipping, flat router.",
+        "",
+        "Median ms per training step (reads: store reads per step; per touched: reads per touched expert; "
+        "pairs/read: (token, expert) pairs per store read):",
+        "",
+        "| n | recipe | ms/step | × GlobalMoE | tokens/s | reads | touched | per touched | pairs/read |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        ratio = "" if r["step_time_vs_global_moe"] is None else f"{r['step_time_vs_global_moe']:.2f}"
+        io = (
+            f"{r['reads_per_step']:.0f} | {r['touched_per_step']:.0f} | {r['reads_per_touched_expert']:.2f} | "
+            f"{r['token_pairs_per_read']:.1f}"
+            if "reads_per_step" in r
+            else " |  |  | "
+        )
+        lines.append(
+            f"| {r['num_experts']} | {r['recipe']} | {r['step_ms_median']:.0f} | {ratio} | {r['tokens_per_s']:,.0f} "
+            f"| {io} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engine.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "README.md").write_text(markdown(report))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for recipe in dict.fromkeys(r["recipe"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["recipe"] == recipe]
+        ax.plot([r["num_experts"] for r in rows], [r["step_ms_median"] for r in rows], marker="o", label=recipe)
+    ax.set(xscale="log", yscale="log", xlabel="experts n", ylabel="ms per step (median)", title="Step time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "step_time.png", dpi=120)
+    plt.close(fig)

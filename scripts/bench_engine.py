@@ -1,0 +1,56 @@
+"""Step time and store reads of the engine's recipes against GlobalMoE (issue 15).
+
+    python scripts/bench_engine.py [--experts 8 64 512 4096] [--rounds 3] [--out scripts/results/engine] [--quick]
+
+Writes OUT/engine.json, OUT/README.md (the table) and OUT/step_time.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.engine import RECIPES, EngineBenchConfig, run  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 512, 4096])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--global-moe-max", type=int, default=512, help="largest n for GlobalMoE")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--window-steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("scripts/results/engine"))
+    parser.add_argument("--quick", action="store_true", help="tiny widths, n = 8, one round (for tests)")
+    args = parser.parse_args(argv)
+    options = dict(
+        num_experts=tuple(args.experts),
+        recipes=tuple(args.recipes),
+        global_moe_max=args.global_moe_max,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        window_steps=args.window_steps,
+        threads=args.threads,
+    )
+    if args.quick:
+        options.update(
+            num_experts=(8,),
+            rounds=1,
+            window_steps=2,
+            warmup_rounds=0,
+            batch_size=2,
+            block_size=32,
+            max_bytes_per_domain=60_000,
+            overrides={"d_model": 16, "n_heads": 2, "n_shared_layers": 1},
+        )
+    run(EngineBenchConfig(**options), args.out)
+    print((args.out / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
