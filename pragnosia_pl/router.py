@@ -13,8 +13,10 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ROUTERS = ("product", "flat")
+SCORE_BUDGET = 1 << 20  # router scores (floats) held at once: tokens are scored in chunks of this / (n1 + n2)
 
 
 class ExpertGroups(NamedTuple):
@@ -112,33 +114,72 @@ class Router(nn.Module):
         ``candidates`` (C,) restricts every choice to those expert ids (one domain's experts, DESIGN §3).
         ``mass_hook`` receives per-expert sums (router mass, tokens taken) and returns the sums to decide on:
         distributed training all-reduces them, so every rank visits the same experts (the union of theirs).
+
+        Tokens are scored in chunks of at most :data:`SCORE_BUDGET` / (n1 + n2), and the differentiable part
+        (gates, the balance term's P_i) is recomputed per chunk in the backward pass, so the router holds no
+        (N, n1 + n2) tensor: its memory does not grow with n, nor with N beyond its (N, k) outputs.
         """
-        scores = self.proj(h).float().split(self.keys, dim=-1)  # (N, n1), (N, n2)
-        log_probs = [F.log_softmax(s, dim=-1) for s in scores]
+        parts = h.split(max(1, SCORE_BUDGET // sum(self.keys)))
         pool = candidates
-        if expert_slots is not None and expert_slots < (self.num_experts if pool is None else pool.numel()):
-            if pool is None:
-                mass = self._mass([lp.detach().exp() for lp in log_probs])  # (n,)
-            else:
-                mass = self._log_prob_at(log_probs, pool).detach().exp().sum(dim=0)  # (C,)
-            if mass_hook is not None:
-                mass = mass_hook(mass)
-            top = mass.topk(expert_slots).indices  # (S,)
-            pool = top if pool is None else pool[top]
-        if pool is None:
-            chosen = self._per_token_topk(log_probs)  # (N, k) expert ids
-        else:
-            if self.k > pool.numel():
+        with torch.no_grad():
+            if expert_slots is not None and expert_slots < (self.num_experts if pool is None else pool.numel()):
+                mass = sum(self._mass(self._log_probs(part), pool) for part in parts)  # (n,) or (C,)
+                if mass_hook is not None:
+                    mass = mass_hook(mass)
+                top = mass.topk(expert_slots).indices  # (S,)
+                pool = top if pool is None else pool[top]
+            if pool is not None and self.k > pool.numel():
                 raise ValueError(f"{pool.numel()} candidate experts cannot give each token k={self.k}")
-            best = self._log_prob_at(log_probs, pool).detach().topk(self.k, dim=-1).indices  # (N, k)
-            chosen = pool[best]  # (N, k)
+            chosen = torch.cat([self._choose(self._log_probs(part), pool) for part in parts])  # (N, k) ids
         working_set = self._touched(chosen, mass_hook)  # (S,) ascending
         positions = torch.searchsorted(working_set, chosen)  # (N, k)
-        gates = F.softmax(self._value_at(scores, chosen), dim=-1)  # (N, k) over the chosen summed key logits
-        prob_in_set = self._mean_prob(log_probs, working_set)  # (S,) P_i
+        keys = [idx.unique(return_inverse=True) for idx in self._split(working_set)]  # per key set: (U,), (S,)
+        gates, prob_sum = [], 0.0
+        for part, chosen_part in zip(parts, chosen.split(parts[0].size(0))):
+            if len(parts) > 1 and torch.is_grad_enabled():
+                outputs = checkpoint(self._gates_and_mass, part, chosen_part, keys, use_reentrant=False)
+            else:
+                outputs = self._gates_and_mass(part, chosen_part, keys)
+            gates.append(outputs[0])
+            prob_sum = prob_sum + outputs[1]
+        prob_in_set = prob_sum / h.size(0)  # (S,) P_i
         fraction = torch.bincount(positions.flatten(), minlength=working_set.numel()).float() / positions.numel()
         balance_loss = self.num_experts * (fraction * prob_in_set).sum()  # fraction: (S,) f_i
-        return Routing(working_set, positions, gates, balance_loss)
+        return Routing(working_set, positions, torch.cat(gates), balance_loss)
+
+    def _log_probs(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [F.log_softmax(s, dim=-1) for s in self.proj(h).float().split(self.keys, dim=-1)]  # (N, n1), (N, n2)
+
+    def _mass(self, log_probs: list[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
+        """Router probability mass summed over the tokens: of every expert (n,), or of the ``pool`` (C,)."""
+        if pool is not None:
+            return self._log_prob_at(log_probs, pool).exp().sum(dim=0)  # (C,)
+        probs = [lp.exp() for lp in log_probs]
+        if self.kind == "flat":
+            return probs[0].sum(dim=0)  # (n,)
+        return (probs[0].t() @ probs[1]).flatten()[: self.num_experts]  # (n1, n2) Σ_t p1_t(i)·p2_t(j) -> (n,)
+
+    def _choose(self, log_probs: list[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
+        """Each token's top-k expert ids: of all n, or of the ``pool``: (N, k)."""
+        if pool is None:
+            return self._per_token_topk(log_probs)
+        return pool[self._log_prob_at(log_probs, pool).topk(self.k, dim=-1).indices]
+
+    def _gates_and_mass(
+        self, h: torch.Tensor, chosen: torch.Tensor, keys: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates (N, k), the softmax over each token's chosen summed key logits, and Σ_t p_t(e) for the working
+        set's experts (S,) (product keys: from the (U1, U2) block of ``P1ᵀ·P2`` over the keys the experts use,
+        so nothing of size N·S is built), both differentiable."""
+        scores = self.proj(h).float().split(self.keys, dim=-1)  # (N, n1), (N, n2)
+        gates = F.softmax(self._value_at(scores, chosen), dim=-1)  # (N, k)
+        probs = [F.softmax(s, dim=-1) for s in scores]
+        if self.kind == "flat":
+            ((experts, _),) = keys
+            return gates, probs[0][:, experts].sum(dim=0)  # (S,)
+        (keys1, at1), (keys2, at2) = keys
+        joint = probs[0][:, keys1].t() @ probs[1][:, keys2]  # (U1, U2) Σ_t p1_t(i)·p2_t(j)
+        return gates, joint[at1, at2]  # (S,)
 
     def _touched(self, chosen: torch.Tensor, mass_hook: MassHook | None) -> torch.Tensor:
         """The experts some token chose (on some rank, through ``mass_hook``), ascending: (S,)."""
@@ -150,8 +191,8 @@ class Router(nn.Module):
     @torch.no_grad()
     def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
         """Router probability mass of every expert summed over the tokens ``h`` (N, d): (n,)."""
-        scores = self.proj(h).float().split(self.keys, dim=-1)
-        return self._mass([F.softmax(s, dim=-1) for s in scores])  # (n,)
+        parts = h.split(max(1, SCORE_BUDGET // sum(self.keys)))
+        return sum(self._mass(self._log_probs(part), None) for part in parts)
 
     def _split(self, experts: torch.Tensor) -> list[torch.Tensor]:
         if self.kind == "flat":
@@ -165,25 +206,6 @@ class Router(nn.Module):
     def _value_at(self, per_key: list[torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
         """Sum over key sets of ``per_key[m][t, key_m(experts[t, j])]``: each token's own experts (N, k)."""
         return sum(values.gather(1, idx) for values, idx in zip(per_key, self._split(experts)))
-
-    def _mean_prob(self, log_probs: list[torch.Tensor], experts: torch.Tensor) -> torch.Tensor:
-        """Router probability of each of ``experts`` (S,) averaged over the tokens: (S,), differentiable.
-
-        Product keys: ``mean_t p1_t(i)·p2_t(j)`` from the (U1, U2) block of ``P1ᵀ·P2`` over the keys the experts
-        use, so nothing of size N·S is built (per-token routing has S up to N·k).
-        """
-        num_tokens = log_probs[0].size(0)
-        if self.kind == "flat":
-            return log_probs[0][:, experts].exp().mean(dim=0)  # (N, n) exists already
-        (keys1, at1), (keys2, at2) = (idx.unique(return_inverse=True) for idx in self._split(experts))
-        joint = log_probs[0][:, keys1].exp().t() @ log_probs[1][:, keys2].exp()  # (U1, U2) Σ_t p1_t(i)·p2_t(j)
-        return joint[at1, at2] / num_tokens
-
-    def _mass(self, probs: list[torch.Tensor]) -> torch.Tensor:
-        if self.kind == "flat":
-            return probs[0].sum(dim=0)  # (n,)
-        joint = probs[0].t() @ probs[1]  # (n1, n2) Σ_t p1_t(i)·p2_t(j)
-        return joint.flatten()[: self.num_experts]  # (n,)
 
     def _per_token_topk(self, log_probs: list[torch.Tensor]) -> torch.Tensor:
         """Each token's k most probable experts of all n: (N, k) ids.

@@ -25,7 +25,7 @@ def runs() -> dict[tuple[str, int], RunResult]:
         return {(spec.model, spec.num_experts): result for spec, result in zip(specs, pool.map(run_isolated, specs))}
 
 
-# Wide experts (d = 32, hidden 4,096: 1.07 MB records) and per-token top-2 over all n (expert_slots="all") on 32
+# Wide experts (d = 32, hidden 4,096: 1.07 MB records) and per-token top-2 over all n (no expert_slots cap) on 32
 # tokens a step: at n ≥ 4,096 a step touches ~60 experts and 8 steps materialize ~450 of them, ~470 MB of records,
 # which an in-RAM store would add to the process; at n = 8 the run touches 8 records, 8.5 MB.
 WIDE_RUN = """
@@ -56,7 +56,7 @@ class StepPeaks(pl.Callback):
 tokens = torch.randint(0, 256, (2 * steps, 17), generator=torch.Generator().manual_seed(0))
 loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
 model = PragnosiaLM(d_model=32, n_shared_layers=1, n_heads=2, num_experts=num_experts, num_active_experts=2,
-                    expert_slots="all", expert_cache=4, expert_hidden=4096, store="disk", store_dir=store_dir,
+                    expert_slots=None, expert_cache=4, expert_hidden=4096, store="disk", store_dir=store_dir,
                     expert_optimizer="sgd", seed=0)
 probe = StepPeaks()
 trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,

@@ -122,3 +122,45 @@ def test_per_token_routing_holds_nothing_of_size_tokens_by_working_set():
     working_set = routing.working_set.numel()
     assert working_set > 400  # per-token top-2 of 4096 experts: most tokens choose experts of their own
     assert sum(saved.values()) < num_tokens * working_set * 4  # less than one float32 (N, S) tensor
+
+
+@pytest.mark.parametrize("kind", ["product", "flat"])
+@pytest.mark.parametrize("expert_slots", [3, None])
+def test_chunked_scoring_routes_as_one_chunk(monkeypatch, kind, expert_slots):
+    """Tokens scored in chunks (recomputed in the backward pass) give the routing, gates, balance term and
+    gradients of one chunk."""
+    import pragnosia_pl.router as router_module
+
+    torch.manual_seed(2)
+    router = Router(16, 50, 2, router=kind)
+    torch.nn.init.normal_(router.proj.weight, std=0.5)
+    h = torch.randn(300, 16, requires_grad=True)
+
+    def route(budget):
+        monkeypatch.setattr(router_module, "SCORE_BUDGET", budget)
+        routing = router(h, expert_slots)
+        grads = torch.autograd.grad(routing.gates.square().sum() + routing.balance_loss, [h, router.proj.weight])
+        return routing, grads
+
+    (one, grads_one), (many, grads_many) = route(1 << 20), route(7 * sum(router.keys))  # 43 chunks of 7 tokens
+    assert torch.equal(one.working_set, many.working_set) and torch.equal(one.positions, many.positions)
+    torch.testing.assert_close(one.gates, many.gates)
+    torch.testing.assert_close(one.balance_loss, many.balance_loss)
+    for a, b in zip(grads_one, grads_many):
+        torch.testing.assert_close(a, b)
+
+
+def test_router_memory_does_not_grow_with_n():
+    """Saved for backward at n = 10⁶ (n1 + n2 = 2,000 scores a token): far less than one (N, n1 + n2) tensor."""
+    torch.manual_seed(0)
+    num_tokens, router = 2048, Router(32, 10**6, 2)
+    h = torch.randn(num_tokens, 32, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        router(h)
+    assert sum(saved.values()) < num_tokens * sum(router.keys) * 4 / 8
