@@ -55,6 +55,7 @@ class ExpertCache:
         self._loading: dict[int, Pending] = {}  # prefetched experts whose read may still be in flight
         self._writebacks: list[Pending] = []
         self._current: int | None = None  # expert returned by the most recent load()
+        self._ahead: set[int] = set()  # experts the running stream() has yet to yield
         self._counters = dict(
             hits=0, misses=0, loads=0, prefetches=0, evictions=0, writebacks=0, bytes_in=0, bytes_out=0
         )
@@ -92,14 +93,22 @@ class ExpertCache:
         return self.slots[slot]
 
     def stream(self, expert_ids: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yields ``(expert_id, record)`` for each id in order, reading the next one while the caller works on
-        this one: the one loop through the slots that training, evaluation and generation share. Each record is
-        a slot view, valid until the next iteration."""
-        for position, expert_id in enumerate(expert_ids):
-            record = self.load(expert_id)
-            if position + 1 < len(expert_ids):
-                self.prefetch(expert_ids[position + 1])
-            yield expert_id, record
+        """Yields ``(expert_id, record)`` for each id in order, reading up to ``capacity - 1`` of the next ones
+        while the caller works on this one: the one loop through the slots that training, evaluation and
+        generation share. Each record is a slot view, valid until the next iteration."""
+        self._ahead = set(expert_ids)  # not evicted for a prefetch while an expert the stream is done with can be
+        ahead = 0  # experts after this one already asked for
+        try:
+            for position, expert_id in enumerate(expert_ids):
+                record = self.load(expert_id)
+                self._ahead.discard(expert_id)
+                ahead = max(ahead - 1, 0)
+                while ahead < self.capacity - 1 and position + ahead + 1 < len(expert_ids):
+                    self.prefetch(expert_ids[position + ahead + 1])  # the store's worker reads while we compute
+                    ahead += 1
+                yield expert_id, record
+        finally:
+            self._ahead = set()
 
     def prefetch(self, expert_id: int) -> None:
         """Starts reading ``expert_id`` into a slot; a later :meth:`load` waits for it.
@@ -169,6 +178,9 @@ class ExpertCache:
         if self._free_slots:
             return self._free_slots.pop()
         candidates = [e for e in self._slot_of if e != self._current and e not in self._loading]
+        done = [e for e in candidates if e not in self._ahead]  # the running stream still needs the others
+        if done or not may_evict_loading:
+            candidates = done
         if not candidates and may_evict_loading:
             candidates = [e for e in self._slot_of if e != self._current]
         if not candidates and may_evict_current and self._current is not None:

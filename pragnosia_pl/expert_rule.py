@@ -26,6 +26,16 @@ class LocalStep(NamedTuple):
     updated: bool  # False: the loss or gradient was not finite and the record was left as it was
 
 
+class ExpertGraph:
+    """One expert's first-pass forward, kept for its backward (:meth:`ExpertRule.forward_kept`)."""
+
+    def __init__(self, record: torch.Tensor) -> None:
+        self.record = record  # the slot holding the expert: at the forward, then at the backward
+        self.leaf: torch.Tensor | None = None
+        self.h_e: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+
 class ExpertRule:
     """The update of one touched expert, in place on its record.
 
@@ -82,19 +92,53 @@ class ExpertRule:
         updated = self._step(record, grad, finite)
         return LocalStep(expert_out.detach(), local_loss.detach(), updated)
 
-    def exact_step(self, record: torch.Tensor, h_e: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def forward_kept(self, record: torch.Tensor, h_e: torch.Tensor) -> ExpertGraph:
+        """The expert's output at ``h_e`` (N_e, d) with its autograd graph kept for :meth:`exact_step`, so that the
+        second pass need not run the forward again. The graph's saved parameters are views of the slot, which
+        may hold another expert by then: they are saved as positions in the record and read, in the second pass,
+        from wherever the expert is resident then (unchanged: it steps only after its gradient is taken)."""
+        graph = ExpertGraph(record)
+        slot_storage = record.untyped_storage().data_ptr()
+
+        def pack(tensor: torch.Tensor):
+            if tensor.untyped_storage().data_ptr() != slot_storage:
+                return tensor  # activations: kept
+            offset = tensor.storage_offset() - graph.record.storage_offset()
+            return offset, tensor.shape, tensor.stride()
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            offset, shape, stride = packed
+            record = graph.record
+            return _alias(record).as_strided(shape, stride, record.storage_offset() + offset)
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            graph.leaf = _alias(self.layout.split(record)[0]).requires_grad_(True)
+            graph.h_e = h_e.detach().requires_grad_(True)
+            graph.out = self.layout.forward(graph.leaf, graph.h_e)  # (N_e, d)
+        return graph
+
+    def exact_step(
+        self, record: torch.Tensor, h_e: torch.Tensor, grad_out: torch.Tensor, graph: ExpertGraph | None = None
+    ) -> tuple[torch.Tensor, bool]:
         """Step the expert in ``record`` on ``grad_out`` (N_e, d), the shared loss's gradient w.r.t. its output at
-        its tokens ``h_e`` (N_e, d) (gate included). Returns the gradient w.r.t. ``h_e`` (N_e, d), taken at the
-        pre-step parameters, and whether the record was updated."""
-        params = self.layout.split(record)[0]
-        leaf = _alias(params).requires_grad_(True)  # loads into other slots may land meanwhile
-        with torch.enable_grad():
-            h_e = h_e.detach().requires_grad_(True)
-            grad, grad_in = torch.autograd.grad(self.layout.forward(leaf, h_e), (leaf, h_e), grad_out)
+        its tokens ``h_e`` (N_e, d) (gate included), through its first-pass ``graph`` when kept, else a forward
+        run again. Returns the gradient w.r.t. ``h_e`` (N_e, d), taken at the pre-step parameters, and whether
+        the record was updated."""
+        if graph is None:
+            graph = ExpertGraph(record)
+            graph.leaf = _alias(self.layout.split(record)[0]).requires_grad_(True)  # loads may land meanwhile
+            graph.h_e = h_e.detach().requires_grad_(True)
+            with torch.enable_grad():
+                graph.out = self.layout.forward(graph.leaf, graph.h_e)
+        graph.record = record  # where the saved parameters are read from now
+        grad, grad_in = torch.autograd.grad(graph.out, (graph.leaf, graph.h_e), grad_out)
         grad = average_across_ranks(grad, group=self.group)
+        norm = grad.norm()  # non-finite iff some element is (or the sum of squares overflows: skipped too)
         if self.grad_clip > 0:
-            grad = grad * (self.grad_clip / (grad.norm() + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
-        updated = self._step(record, grad, torch.isfinite(grad).all())
+            grad = grad * (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
+        updated = self._step(record, grad, torch.isfinite(norm))
         return grad_in, updated
 
     def _step(self, record: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor) -> bool:

@@ -176,6 +176,7 @@ class PragnosiaLM(LanguageModel):
         self.skipped_expert_updates = 0  # non-finite local losses or gradients, since the run began
         self.skipped_shared_updates = 0
         self._nonfinite_streak = 0  # consecutive steps with a skipped update
+        self._graphs: list | None = None  # exact: the experts' first-pass graphs, during a step
 
     def build_expert(self) -> nn.Module:
         """A freshly initialised expert ``(N, d) -> (N, d)``; override for another expert architecture."""
@@ -217,6 +218,10 @@ class PragnosiaLM(LanguageModel):
             h = h.detach().requires_grad_(True)
         groups, balance_loss = self._route(h, targets)
         h_in = h.detach()  # the experts never see the trunk's graph
+        # exact: the first pass keeps each expert's graph for the second unless micro_batch asks to bound the
+        # activations, which then run the expert's forward again (the whole batch's trunk graph, kept without
+        # micro_batch, is about twice the experts' graphs)
+        self._graphs = [] if exact and self.hparams.micro_batch is None else None
 
         # 2. expert pass 1: each touched expert once, with all its tokens (local: its update too)
         expert_out, local_losses = self._first_pass(cache, groups, h_in, targets)  # (N·k, d)
@@ -245,6 +250,7 @@ class PragnosiaLM(LanguageModel):
 
         self.usage.update(groups.expert_ids)
         self._epoch_usage.update(groups.expert_ids)
+        self._graphs = None
         self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
         if local_losses:
             self.log("train/local_loss", torch.stack(local_losses).mean())
@@ -280,6 +286,10 @@ class PragnosiaLM(LanguageModel):
         for position, (expert_id, record) in enumerate(cache.stream(groups.expert_ids)):
             rows = groups.rows(position)
             token_idx = groups.token_idx[rows]  # (N_e,)
+            if self.rule.objective == "exact" and self._graphs is not None:
+                self._graphs.append(self.rule.forward_kept(record, h_in[token_idx]))
+                expert_out[rows] = self._graphs[-1].out.detach()
+                continue
             if self.rule.objective == "exact":
                 with torch.no_grad():
                     expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h_in[token_idx])
@@ -303,7 +313,8 @@ class PragnosiaLM(LanguageModel):
             rows = groups.rows(position)
             token_idx = groups.token_idx[rows]  # (N_e,)
             grad_out = gates[rows, None] * grad_z[token_idx]  # (N_e, d)
-            grad_in, updated = self.rule.exact_step(record, h_in[token_idx], grad_out)
+            graph = None if self._graphs is None else self._graphs[position]
+            grad_in, updated = self.rule.exact_step(record, h_in[token_idx], grad_out, graph)
             grad_h.index_add_(0, token_idx, grad_in)
             self._after_update(cache, expert_id, updated)
         return grad_h

@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window-steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--router",
+        choices=["product", "flat"],
+        default=None,
+        help="every model's router (default: the configs'; GlobalMoE takes configs/streamed.yaml's)",
+    )
     parser.add_argument("--out", type=Path, default=Path("scripts/results/engine"))
     parser.add_argument("--quick", action="store_true", help="tiny widths, n = 8, one round (for tests)")
     args = parser.parse_args(argv)
@@ -36,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         rounds=args.rounds,
         window_steps=args.window_steps,
         threads=args.threads,
+        overrides={} if args.router is None else {"router": args.router},
     )
     if args.quick:
         options.update(
@@ -46,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=2,
             block_size=32,
             max_bytes_per_domain=60_000,
-            overrides={"d_model": 16, "n_heads": 2, "n_shared_layers": 1},
+            overrides={**options["overrides"], "d_model": 16, "n_heads": 2, "n_shared_layers": 1},
         )
     run(EngineBenchConfig(**options), args.out)
     print((args.out / "README.md").read_text())

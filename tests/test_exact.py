@@ -37,7 +37,7 @@ def expert_parameters(model: PragnosiaLM) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("store", "cache", "grad_clip"),
-    [("device", 12, 1.0), ("host", 12, 1.0), ("disk", 12, 1.0), ("disk", 3, 1.0), ("host", 2, 0.05)],
+    [("device", 12, 1.0), ("host", 12, 1.0), ("disk", 12, 1.0), ("disk", 3, 1.0), ("host", 4, 0.05)],
 )
 def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip):
     """Same seed, data and clipping, 5 steps: every shared parameter and every expert within 1e-5 (a cache of 2 or

@@ -7,7 +7,8 @@ first round is warm-up; the first step of each window is not timed. Disk stores 
 written once), so reads are real reads, as in a long run.
 
 The recipes are the shipped configs (``configs/*.yaml``, model section) with ``num_experts``, the store and its
-folder replaced; ``GlobalMoE`` gets the config's widths, the same seed and clipping, and its standard flat router.
+folder replaced; ``GlobalMoE`` gets ``configs/streamed.yaml``'s widths, router, balance term, lr, seed and clipping:
+it is the model the ``exact`` recipe trains, update for update, so both touch the same experts every step.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class EngineBenchConfig:
     threads: int = 1
     seed: int = 0
     max_bytes_per_domain: int = 1_000_000
-    overrides: dict[str, Any] = field(default_factory=dict)  # every model's widths (e.g. {"d_model": 32})
+    overrides: dict[str, Any] = field(default_factory=dict)  # for every model (widths, router), over the configs
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.recipes if r not in RECIPES]
@@ -96,7 +97,8 @@ def build(config: EngineBenchConfig, contender: Contender, root: Path):
     recipe = RECIPES[contender.recipe]
     if recipe is None:
         options = model_options("streamed.yaml")
-        shared = {k: options[k] for k in ("d_model", "n_shared_layers", "n_heads", "num_active_experts", "lr")}
+        keys = ("d_model", "n_shared_layers", "n_heads", "num_active_experts", "lr", "router", "balance_coef")
+        shared = {k: options[k] for k in keys}  # the exact recipe's router: both then touch the same experts
         shared.update(config.overrides)
         return GlobalMoE(**shared, num_experts=contender.num_experts, seed=config.seed)
     config_file, overrides = recipe
@@ -235,7 +237,8 @@ def markdown(report: dict) -> str:
         f"store (materialized), {config['rounds']} timed rounds × {config['window_steps'] - 1} steps per contender, "
         "all contenders of one n interleaved in one process. Recipes: `configs/quickstart.yaml` (local S=2; "
         "`local S=8`: expert_slots 8, cache 8; `local`: no cap, cache 8) and `configs/streamed.yaml` (exact, "
-        "no cap, cache 8, product router); GlobalMoE: the same widths, seed and clipping, flat router.",
+        "no cap, cache 8, product router); GlobalMoE: the exact recipe's model (same widths, router, seed and "
+        "clipping), every expert resident, so it touches the same experts as `exact`.",
         "",
         "Median ms per training step (reads: store reads per step; per touched: reads per touched expert; "
         "pairs/read: (token, expert) pairs per store read):",
