@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--global-moe-max", type=int, default=512, help="largest n for GlobalMoE")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--train-before", type=int, default=60, help="steps each contender trains before timing")
     parser.add_argument("--window-steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         global_moe_max=args.global_moe_max,
         batch_size=args.batch_size,
         rounds=args.rounds,
+        train_before=args.train_before,
         window_steps=args.window_steps,
         threads=args.threads,
         overrides={} if args.router is None else {"router": args.router},
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
             rounds=1,
             window_steps=2,
             warmup_rounds=0,
+            train_before=2,
             batch_size=2,
             block_size=32,
             max_bytes_per_domain=60_000,

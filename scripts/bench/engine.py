@@ -49,6 +49,9 @@ class EngineBenchConfig:
         recipes: names from :data:`RECIPES`.
         global_moe_max: largest n at which ``GlobalMoE`` runs (every expert resident).
         batch_size, block_size: the batch (sequences × bytes).
+        train_before: steps each contender trains before it is timed: routing collapses onto a few experts in the
+            first steps and the balance term spreads it again within about a hundred (n = 512: 234, 21, then 184
+            experts touched at steps 1, 3 and 100), and a long run's step visits the spread-out set.
         window_steps, rounds, warmup_rounds: timing protocol (above).
         threads: torch CPU threads.
     """
@@ -58,6 +61,7 @@ class EngineBenchConfig:
     global_moe_max: int = 512
     batch_size: int = 16
     block_size: int = 128
+    train_before: int = 60
     window_steps: int = 4
     rounds: int = 3
     warmup_rounds: int = 1
@@ -130,6 +134,15 @@ def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: 
         contender.model = build(config, contender, root)
     W = config.window_steps
     timing = _Timing(config)
+    timed_batches, batches = (
+        batches[: (config.warmup_rounds + config.rounds) * W],
+        batches[len(batches) - config.train_before :],
+    )
+    if config.train_before:
+        for contender in contenders:
+            train_window(_Adapter(contender), batches, timing, str(root))
+        log(f"engine: n={num_experts} trained {config.train_before} steps before timing")
+    batches = timed_batches
     for round_index in range(config.warmup_rounds + config.rounds):
         window = batches[round_index * W : (round_index + 1) * W]
         shift = round_index % len(contenders)
@@ -193,7 +206,7 @@ def run(config: EngineBenchConfig, out: Path, log=print) -> dict:
     from pragnosia_pl.experiments.throughput import ThroughputConfig, draw_batches
 
     torch.set_num_threads(config.threads)
-    count = (config.warmup_rounds + config.rounds) * config.window_steps
+    count = (config.warmup_rounds + config.rounds) * config.window_steps + config.train_before
     batches = draw_batches(
         ThroughputConfig(
             batch_size=config.batch_size,
@@ -234,7 +247,8 @@ def markdown(report: dict) -> str:
         "# Engine step time (issue 15)",
         "",
         f"{report['date']}, {report['machine']}. Batch {config['batch_size']}×{config['block_size']} bytes, disk "
-        f"store (materialized), {config['rounds']} timed rounds × {config['window_steps'] - 1} steps per contender, "
+        f"store (materialized), each contender trained {config['train_before']} steps first, then "
+        f"{config['rounds']} timed rounds × {config['window_steps'] - 1} steps, "
         "all contenders of one n interleaved in one process. Recipes: `configs/quickstart.yaml` (local S=2; "
         "`local S=8`: expert_slots 8, cache 8; `local`: no cap, cache 8) and `configs/streamed.yaml` (exact, "
         "no cap, cache 8, product router); GlobalMoE: the exact recipe's model (same widths, router, seed and "
