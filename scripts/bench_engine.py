@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--global-moe-max", type=int, default=512, help="largest n for GlobalMoE")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=None, help="model.micro_batch of every PragnosiaLM")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-before", type=int, default=60, help="steps each contender trains before timing")
     parser.add_argument("--window-steps", type=int, default=4)
@@ -44,7 +45,10 @@ def main(argv: list[str] | None = None) -> None:
         train_before=args.train_before,
         window_steps=args.window_steps,
         threads=args.threads,
-        overrides={} if args.router is None else {"router": args.router},
+        overrides={
+            **({} if args.router is None else {"router": args.router}),
+            **({} if args.micro_batch is None else {"micro_batch": args.micro_batch}),
+        },
     )
     if args.quick:
         options.update(

@@ -1,10 +1,14 @@
 """The expert-major step: ``exact`` is GlobalMoE's update, store reads per touched expert, micro-batches.
 
-DESIGN §4 invariants 3 (exact) and 7. Mutations seen failing here: the second pass visiting experts with the
-pre-step record dropped (no write-back: exact ≢ GlobalMoE), the expert gradient not clipped (exact ≢ GlobalMoE at
-grad_clip 0.05), pass 2 in ascending order with a reload of every expert (reads > 2), the first pass of `exact`
-reading each expert twice (reads > 2), `local` running the second pass too (reads > 1), micro-batch slices
-shifted by one sequence (micro-batch ≢ whole batch).
+DESIGN §4 invariants 3 (exact) and 7. Mutations seen failing here, and the test that caught each:
+- the expert gradient not clipped: exact ≡ GlobalMoE (the grad_clip 0.05 case);
+- pass 2's updates not marked dirty (never written back): exact ≡ GlobalMoE;
+- the gate left out of the gradient pass 2 steps on: exact ≡ GlobalMoE;
+- a kept first-pass graph reading its parameters from the slot the expert had in pass 1 (stale when it was evicted
+  and reloaded elsewhere), or keeping them as tensors, not re-pointing them: exact ≡ GlobalMoE (both streamed
+  cases);
+- `local` also running the exact second pass: reads per touched expert (local > 1);
+- micro-batch outputs shifted by one position: micro-batches ≡ whole batch.
 """
 
 import pytest

@@ -1,9 +1,11 @@
 """PragnosiaLM: DESIGN §4 invariants 2, 3 (local) and 4 through training_step, configuration errors, baselines.
 
-Mutations seen failing here: a write-back under the wrong id (expert e's slot stored as e + 1), a prefetch that
-reads into the slot of the expert being trained, `local` also running the exact second pass (the LM loss reaches
-the experts and the trunk gets their input gradient), the local loss reading the live (not detached) head's
-norm, an expert stepping on the mean over the whole batch instead of its own tokens.
+Mutations seen failing here, and the test that caught each:
+- a write-back under the wrong id (expert e's slot stored as e + 1): untouched experts unchanged (every case);
+- `local` also running the exact second pass (the LM loss reaches the experts, the trunk gets their input
+  gradient): the local objective through training_step;
+- the local loss doubled, and the mixture the LM loss reads scaled by 1.5: the local objective through training_step;
+- evaluation capped by the training expert_slots (a token's experts chosen from the whole batch): causal evaluation.
 """
 
 import copy

@@ -103,7 +103,7 @@ def build(config: EngineBenchConfig, contender: Contender, root: Path):
         options = model_options("streamed.yaml")
         keys = ("d_model", "n_shared_layers", "n_heads", "num_active_experts", "lr", "router", "balance_coef")
         shared = {k: options[k] for k in keys}  # the exact recipe's router: both then touch the same experts
-        shared.update(config.overrides)
+        shared.update({k: v for k, v in config.overrides.items() if k != "micro_batch"})
         return GlobalMoE(**shared, num_experts=contender.num_experts, seed=config.seed)
     config_file, overrides = recipe
     options = {**model_options(config_file), **overrides, **config.overrides}
@@ -125,7 +125,7 @@ def _counters(model) -> tuple[float, float]:
 
 
 def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: Path, log=print) -> list[dict]:
-    from pragnosia_pl.experiments.throughput import train_window
+    from bench.throughput import train_window
 
     names = [r for r in config.recipes if RECIPES[r] is not None or num_experts <= config.global_moe_max]
     contenders = [Contender(name, num_experts) for name in names]
@@ -203,7 +203,7 @@ def run(config: EngineBenchConfig, out: Path, log=print) -> dict:
 
     import torch
 
-    from pragnosia_pl.experiments.throughput import ThroughputConfig, draw_batches
+    from bench.throughput import ThroughputConfig, draw_batches
 
     torch.set_num_threads(config.threads)
     count = (config.warmup_rounds + config.rounds) * config.window_steps + config.train_before

@@ -1,1 +1,0 @@
-"""Experiments and benchmarks behind the scripts in ``scripts/`` (kept here so tests can reach them)."""
