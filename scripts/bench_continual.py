@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pragnosia_pl.experiments.continual import BASELINES, ContinualConfig, run_continual  # noqa: E402
+from bench.continual import BASELINES, ContinualConfig, run_continual  # noqa: E402
 
 
 def main() -> None:

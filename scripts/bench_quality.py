@@ -4,6 +4,9 @@
 python scripts/bench_quality.py                      # full run, writes scripts/results/quality/
 python scripts/bench_quality.py --quick --out /tmp/q # seconds: tiny widths, 20 steps, n=8
 python scripts/bench_quality.py --num-experts 8 --steps 600 --pragnosia '{"local_lr": 0.1}'
+
+The plain PragnosiaLM run is configs/quickstart.yaml's model; the presets (--variants exact bounded local) are
+configs/streamed.yaml and configs/bounded.yaml with the overrides listed in bench/quality.py PRESETS.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pragnosia_pl.experiments.quality import (  # noqa: E402
+from bench.quality import (  # noqa: E402
     MODEL_KINDS,
     PRESET_VARIANTS,
     QualityConfig,
@@ -39,7 +45,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--eval-every", type=int)
     parser.add_argument("--max-bytes-per-domain", type=int)
-    parser.add_argument("--local-lr", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--time-budget-min", type=float, help="cut steps to fit this many minutes (0: no cut)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain PragnosiaLM run (variants only)")
@@ -50,8 +55,8 @@ def main() -> None:
         nargs="+",
         metavar="NAME_OR_JSON",
         help=f"more PragnosiaLM runs: preset names ({', '.join(PRESET_VARIANTS)}) and/or JSON "
-        '{name: kwargs} objects, e.g. tuned \'{"adam": {"expert_optimizer": "adam"}}\'; '
-        "default: streamed bounded",
+        '{name: kwargs} objects, e.g. bounded \'{"adam": {"expert_optimizer": "adam"}}\'; '
+        "default: exact local",
     )
     args = parser.parse_args()
     overrides = {
@@ -62,7 +67,6 @@ def main() -> None:
             steps=args.steps,
             eval_every=args.eval_every,
             max_bytes_per_domain=args.max_bytes_per_domain,
-            local_lr=args.local_lr,
             seed=args.seed,
             pragnosia=args.pragnosia,
             variants=args.variants and variants_or_exit(args.variants, parser),

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pragnosia_pl.experiments.throughput import (  # noqa: E402
+from bench.throughput import (  # noqa: E402
     STORE_KINDS,
     ThroughputConfig,
     profile_step,

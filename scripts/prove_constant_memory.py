@@ -18,7 +18,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pragnosia_pl.experiments.constant_memory import RunSpec, markdown_table, run_isolated, verdict, write_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.constant_memory import RunSpec, markdown_table, run_isolated, verdict, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

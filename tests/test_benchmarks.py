@@ -7,16 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from pragnosia_pl.experiments.quality import (
-    EXACT_VARIANT,
+from bench.quality import (
     PRESET_VARIANTS,
     QualityConfig,
     fit_budget,
     parse_variants,
     plan_runs,
 )
-from pragnosia_pl.experiments.throughput import ThroughputConfig, plan_contenders
+from bench.throughput import ThroughputConfig, plan_contenders
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -101,12 +99,13 @@ def test_plans():
 
 
 def test_variants_are_presets_or_json():
+    exact = PRESET_VARIANTS["exact"]
     assert parse_variants(["exact", '{"adam": {"expert_optimizer": "adam"}}']) == {
-        "exact": EXACT_VARIANT,
+        "exact": exact,
         "adam": {"expert_optimizer": "adam"},
     }
-    assert EXACT_VARIANT["expert_cache"] < 32 and EXACT_VARIANT["objective"] == "exact"
-    assert PRESET_VARIANTS["local"] == {**EXACT_VARIANT, "objective": "local"}
+    assert exact["expert_cache"] < 32 and exact["objective"] == "exact"
+    assert PRESET_VARIANTS["local"] == {**exact, "objective": "local"}
     for bad in ("fast", "[1, 2]", '{"x": 1}'):
         with pytest.raises(ValueError, match=r"neither a preset \(exact, bounded, local\) nor a JSON"):
             parse_variants([bad])

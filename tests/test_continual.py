@@ -9,12 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import cpu_trainer, expert_records, token_loader
-
-from callbacks import DomainSwitcher
-from pragnosia_pl import PragnosiaLM
-from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
-from pragnosia_pl.experiments.continual import (
+from bench.continual import (
     ContinualConfig,
     RunPlan,
     continual_goals,
@@ -23,6 +18,11 @@ from pragnosia_pl.experiments.continual import (
     plan_runs,
     train_model,
 )
+from conftest import cpu_trainer, expert_records, token_loader
+
+from callbacks import DomainSwitcher
+from pragnosia_pl import PragnosiaLM
+from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
 from pragnosia_pl.router import Router
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -10,8 +10,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from pragnosia_pl.experiments.constant_memory import RunResult, RunSpec, run_isolated, verdict
+from bench.constant_memory import RunResult, RunSpec, run_isolated, verdict
 
 TINY = dict(
     d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=100_000, steps=10, warmup=3

@@ -22,10 +22,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from callbacks._memory import read_memory
+from bench import report
+from callbacks import read_memory
 
 MODELS = ("pragnosia", "global")
 CRITERIA = {"max_cv": 0.02, "max_spread": 1.05, "max_floor_ratio": 1.2}
+SCRIPTS = Path(__file__).resolve().parents[1]  # holds the bench package, for the child processes
 
 
 @dataclass
@@ -219,8 +221,9 @@ def run_isolated(spec: RunSpec, timeout: float = 1800) -> RunResult:
     """Run ``spec`` in a fresh Python process so that no run's memory is seen by another."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "pragnosia_pl.experiments.constant_memory", json.dumps(asdict(spec)), str(out)]
-        env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
+        command = [sys.executable, "-m", "bench.constant_memory", json.dumps(asdict(spec)), str(out)]
+        path = os.pathsep.join(filter(None, [str(SCRIPTS), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore", PYTHONPATH=path)
         if spec.malloc_trim_threshold is not None:
             # glibc keeps up to ~32 MiB of freed heap by default (a dynamic trim threshold); a fixed threshold
             # makes RSS follow the live tensors, so the peak can be compared with the analytic floor.
@@ -280,19 +283,24 @@ def to_json(runs: list[RunResult], decision: dict) -> dict:
 
 def markdown_table(runs: list[RunResult], decision: dict) -> str:
     mib = 2**20
-    lines = [
-        "| model | n experts | mean peak (MiB) | CV | max peak (MiB) | model part (MiB) | floor (MiB) "
-        "| model/floor | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["model", "n experts", "mean peak (MiB)", "CV", "max peak (MiB)", "model part (MiB)", "floor (MiB)"]
+    rows = []
     for r in sorted(runs, key=lambda r: (r.spec.model, r.spec.num_experts)):
         s = r.summary
-        lines.append(
-            f"| {'PragnosiaLM' if r.spec.model == 'pragnosia' else 'GlobalMoE'} | {r.spec.num_experts} "
-            f"| {s['mean_bytes'] / mib:.1f} | {100 * s['cv']:.2f}% | {s['peak_bytes'] / mib:.1f} "
-            f"| {s['model_bytes'] / mib:.1f} | {r.floor_bytes['total'] / mib:.1f} | {s['floor_ratio']:.2f} "
-            f"| {r.tokens_per_s:,.0f} |"
+        rows.append(
+            [
+                "PragnosiaLM" if r.spec.model == "pragnosia" else "GlobalMoE",
+                r.spec.num_experts,
+                f"{s['mean_bytes'] / mib:.1f}",
+                f"{100 * s['cv']:.2f}%",
+                f"{s['peak_bytes'] / mib:.1f}",
+                f"{s['model_bytes'] / mib:.1f}",
+                f"{r.floor_bytes['total'] / mib:.1f}",
+                f"{s['floor_ratio']:.2f}",
+                f"{r.tokens_per_s:,.0f}",
+            ]
         )
+    lines = report.markdown_table([*header, "model/floor", "tokens/s"], rows, align="lrrrrrrrr")
     checks = ", ".join(f"{name}: {'pass' if ok else 'FAIL'}" for name, ok in decision["checks"].items())
     lines += [
         "",
@@ -304,11 +312,7 @@ def markdown_table(runs: list[RunResult], decision: dict) -> str:
 
 
 def plot(runs: list[RunResult], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     mib = 2**20
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for model, label, color in (

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pragnosia_pl.experiments.quality import report_header
+from bench.report import markdown_table, pyplot, report_header
 
 BASELINES = ("global_moe", "dense", "joint")
 LICENSES_DIR = "/usr/share/common-licenses"
@@ -423,25 +423,26 @@ def continual_markdown(report: dict[str, Any]) -> str:
         "over the domains before the last of (final bpb − best bpb after an earlier stage); BWT: mean of "
         "(bpb after the domain's stage − final bpb), negative is forgetting.",
         "",
-        "| model | final avg bpb | avg forgetting | BWT | plasticity ("
-        + ", ".join(schedule)
-        + ") | final ("
-        + ", ".join(report["runs"][0]["domains"])
-        + ") | wall s |",
-        "|---|---:|---:|---:|---|---|---:|",
     ]
+    header = ["model", "final avg bpb", "avg forgetting", "BWT", f"plasticity ({', '.join(schedule)})"]
+    header += [f"final ({', '.join(report['runs'][0]['domains'])})", "wall s"]
+    rows = []
     for r in report["runs"]:
         bpb = r["bpb"]
         figures = bpb["figures"]
         mixed = r["kind"] == "joint"
-        lines.append(
-            f"| {r['label']} | {figures['average_final']:.3f} | "
-            + ("— | — | " if mixed else f"{figures['forgetting']:+.3f} | {figures['bwt']:+.3f} | ")
-            + ("—" if mixed else ", ".join(f"{v:.3f}" for v in bpb["plasticity"]))
-            + " | "
-            + ", ".join(f"{v:.3f}" for v in bpb["final"].values())
-            + f" | {r['wall_s']:.0f} |"
+        rows.append(
+            [
+                r["label"],
+                f"{figures['average_final']:.3f}",
+                "—" if mixed else f"{figures['forgetting']:+.3f}",
+                "—" if mixed else f"{figures['bwt']:+.3f}",
+                "—" if mixed else ", ".join(f"{v:.3f}" for v in bpb["plasticity"]),
+                ", ".join(f"{v:.3f}" for v in bpb["final"].values()),
+                f"{r['wall_s']:.0f}",
+            ]
         )
+    lines += markdown_table(header, rows, align="lrrrllr")
     goals = report["goals"]
     if goals:
         lines += [
@@ -449,16 +450,18 @@ def continual_markdown(report: dict[str, Any]) -> str:
             f"Goals against GlobalMoE: forgetting ≤ {GOALS['forgetting_ratio']:.0%} of its forgetting, final avg bpb "
             f"≤ {GOALS['final_ratio']} × its, plasticity ≤ {GOALS['plasticity_ratio']} × its on every domain.",
             "",
-            "| PragnosiaLM variant | forgetting / GlobalMoE's | final / GlobalMoE's | plasticity / GlobalMoE's |",
-            "|---|---|---|---|",
         ]
-        for variant, goal in goals.items():
-            lines.append(
-                f"| {variant} | {goal['forgetting_ratio']:+.3f} {_mark(goal['forgetting_ok'])} | "
-                f"{goal['final_ratio']:.3f} {_mark(goal['final_ok'])} | "
-                + ", ".join(f"{v:.3f}" for v in goal["plasticity_ratios"])
-                + f" {_mark(goal['plasticity_ok'])} |"
-            )
+        header = ["PragnosiaLM variant", "forgetting / GlobalMoE's", "final / GlobalMoE's", "plasticity / GlobalMoE's"]
+        rows = [
+            [
+                variant,
+                f"{goal['forgetting_ratio']:+.3f} {_mark(goal['forgetting_ok'])}",
+                f"{goal['final_ratio']:.3f} {_mark(goal['final_ok'])}",
+                ", ".join(f"{v:.3f}" for v in goal["plasticity_ratios"]) + f" {_mark(goal['plasticity_ok'])}",
+            ]
+            for variant, goal in goals.items()
+        ]
+        lines += markdown_table(header, rows)
     lines += ["", "PragnosiaLM variants (keyword arguments on top of the shared ones):", ""]
     for variant, options in config["pragnosia_variants"].items():
         lines.append(f"- {variant}: `{json.dumps(options, ensure_ascii=False)}`")
@@ -482,11 +485,7 @@ def _mark(ok: bool) -> str:
 
 def plot_heatmaps(results: list[dict[str, Any]], path: Path) -> None:
     """One bpb heat map per model (rows: before training, after each stage; columns: evaluated domain)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = min(3, len(results))
     rows_of_panels = math.ceil(len(results) / columns)
     fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4.6 * columns, 3.4 * rows_of_panels), squeeze=False)

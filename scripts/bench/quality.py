@@ -12,29 +12,39 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.recipes import method_options
+from bench.report import markdown_table, pyplot, report_header
+
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
-# Global backpropagation at constant memory (configs/streamed.yaml with GlobalMoE's flat router, so that it is the
-# GlobalMoE of the same seed, update for update): objective exact, each token its own top-k of all n, the touched
-# experts streamed through 8 device slots, Adam experts at the shared lr.
-EXACT_VARIANT = {
-    "objective": "exact",
-    "expert_slots": None,
-    "expert_cache": 8,
-    "expert_optimizer": "adam",
-    "local_lr": 1e-3,
-    "router": "flat",
+# Every PragnosiaLM recipe of the benchmark: name -> (config file, overrides, why each override).
+PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "quickstart": ("quickstart.yaml", {}, ""),
+    "exact": (
+        "streamed.yaml",
+        {"router": "flat"},
+        "GlobalMoE's flat router: then it is the GlobalMoE of the same seed, update for update",
+    ),
+    "bounded": ("bounded.yaml", {"router": "flat"}, "GlobalMoE's flat router, as [exact]"),
+    "local": (
+        "streamed.yaml",
+        {"objective": "local", "router": "flat"},
+        "[exact] with the seed's local rule: what local learning costs at the same routing, cache and optimizer",
+    ),
 }
-# The same with at most 8 experts per step (configs/bounded.yaml's cap), and no balance term (over a capped set the
-# Switch term pushes router mass out of the set, so the set rotates from batch to batch).
-BOUNDED_VARIANT = {**EXACT_VARIANT, "expert_slots": 8, "balance_coef": 0.0}
-# The seed's local rule with the same routing, cache and optimizer as EXACT_VARIANT: what local learning costs.
-LOCAL_VARIANT = {**EXACT_VARIANT, "objective": "local"}
-# Named variants for `bench_quality.py --variants NAME ...`.
-PRESET_VARIANTS = {"exact": EXACT_VARIANT, "bounded": BOUNDED_VARIANT, "local": LOCAL_VARIANT}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The ``PragnosiaLM`` keyword arguments of preset ``name``: its config's method, plus its documented overrides."""
+    config_file, overrides, _ = PRESETS[name]
+    return {**method_options(config_file), **overrides}
+
+
+# Named variants for `bench_quality.py --variants NAME ...` (the plain run is the quickstart preset).
+PRESET_VARIANTS = {name: preset(name) for name in ("exact", "bounded", "local")}
 
 
 def parse_variants(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -72,22 +82,18 @@ class QualityConfig:
         steps: training steps of every model (batches of ``batch_size × block_size`` tokens).
         eval_every: steps between two points of the learning curve.
         max_bytes_per_domain: bytes read from each domain (``data.max_bytes_per_domain``).
-        local_lr: PragnosiaLM's expert SGD learning rate: 0.2, the best of {0.05, 0.2, 0.5, 1.0} at n=8 (the
-            prototype's 0.05 trails it by 0.02 bpb).
         time_budget_min: if set, a probe measures steps/s first and ``steps`` is cut so that all runs fit
             (the JSON records the cut); ``None`` runs ``steps`` as asked.
         threads: torch CPU threads (``None``: torch's default). One by default: on a machine shared with other
             jobs, OpenMP threads that wait for a descheduled sibling make steps up to 100× slower.
-        plain: run the plain ``PragnosiaLM`` (no variant) too.
+        plain: run the plain ``PragnosiaLM`` (the ``quickstart`` preset, no variant) too.
         accelerator: Lightning accelerator of every run (``cpu`` by default, so figures from different machines
             compare; ``gpu`` or ``auto`` trains on a GPU).
-        pragnosia: extra ``PragnosiaLM`` keyword arguments (method switches) of every PragnosiaLM run.
+        store: where every PragnosiaLM keeps its experts (over the configs' ``store``).
+        pragnosia: extra ``PragnosiaLM`` keyword arguments of every PragnosiaLM run, over the quickstart preset.
         variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
-            ``pragnosia`` (the value ``"n"`` stands for the run's ``num_experts``); the plain run too unless
-            ``plain`` is false.
-            Default: ``streamed``, the best configuration the issue-6 investigation found in the memory of 8
-            experts (``STREAMED_VARIANT``), and ``bounded``, the same recipe at a constant working set of 8
-            (``BOUNDED_VARIANT``); ``PRESET_VARIANTS`` also has ``tuned``, every expert resident.
+            ``pragnosia``; the plain run too unless ``plain`` is false. Default: the ``exact`` and ``local``
+            presets (:data:`PRESETS`: a shipped config and its documented overrides).
 
     Raises:
         ValueError: on an unknown model kind or a non-positive size.
@@ -99,7 +105,6 @@ class QualityConfig:
     n_shared_layers: int = 2
     n_heads: int = 4
     num_active_experts: int = 2
-    expert_slots: int = 2
     block_size: int = 128
     batch_size: int = 16
     steps: int = 1500
@@ -107,11 +112,10 @@ class QualityConfig:
     max_bytes_per_domain: int | None = 1_000_000
     domains: dict[str, str] = field(default_factory=lambda: {"code": "stdlib-code", "prose": "stdlib-docs"})
     lr: float = 1e-3
-    local_lr: float = 0.2
     store: str = "host"
     pragnosia: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"exact": EXACT_VARIANT, "local": LOCAL_VARIANT}
+        default_factory=lambda: {name: PRESET_VARIANTS[name] for name in ("exact", "local")}
     )
     seed: int = 0
     time_budget_min: float | None = 45.0
@@ -130,8 +134,9 @@ class QualityConfig:
         for key in ("d_model", "steps", "eval_every", "batch_size", "block_size", "num_active_experts"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} ({getattr(self, key)}) must be ≥ 1")
-        if not self.num_experts or min(self.num_experts) < self.expert_slots:
-            raise ValueError(f"num_experts {self.num_experts} must each be ≥ expert_slots ({self.expert_slots})")
+        slots = preset("quickstart")["expert_slots"]
+        if not self.num_experts or min(self.num_experts) < slots:
+            raise ValueError(f"num_experts {self.num_experts} must each be ≥ expert_slots ({slots})")
 
     @classmethod
     def quick(cls, **overrides: Any) -> QualityConfig:
@@ -204,17 +209,8 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
         return DenseLM(**common)
     if plan.kind == "global_moe":
         return GlobalMoE(**common, num_experts=plan.num_experts)
-    options = dict(
-        common,
-        num_experts=plan.num_experts,
-        expert_slots=config.expert_slots,
-        store=config.store,
-        store_dir=store_dir,
-        local_lr=config.local_lr,
-    )
-    options.update(config.pragnosia)
-    variant = config.variants.get(plan.variant, {})
-    options.update(variant)
+    options = {**common, **preset("quickstart"), **config.pragnosia, **config.variants.get(plan.variant, {})}
+    options.update(num_experts=plan.num_experts, store=config.store, store_dir=store_dir)
     return PragnosiaLM(**options)
 
 
@@ -447,9 +443,9 @@ def quality_markdown(report: dict) -> str:
         f"{report['machine']}, {report['date']}; {report['wall_minutes']:.0f} min wall.",
         "",
         f"d={config['d_model']}, {config['n_shared_layers']} trunk layers, k={config['num_active_experts']}, "
-        f"S={config['expert_slots']}, batch {config['batch_size']}×{config['block_size']} bytes, "
+        f"batch {config['batch_size']}×{config['block_size']} bytes, "
         f"{report['steps']} steps ({report['tokens_per_model']:,} tokens per model), seed {config['seed']}; "
-        f"PragnosiaLM: expert SGD lr {config['local_lr']}, store {config['store']}"
+        f"PragnosiaLM: configs/quickstart.yaml, store {config['store']}"
         + (f", {config['pragnosia']}" if config["pragnosia"] else "")
         + f"; shared AdamW lr {config['lr']}.",
         *[f"Variant [{name}]: {kwargs}." for name, kwargs in config["variants"].items()],
@@ -463,15 +459,19 @@ def quality_markdown(report: dict) -> str:
             f"Steps cut from {budget['steps_requested']} to {budget['steps_run']} to fit a "
             f"{budget['minutes']:.0f}-minute budget ({budget['estimated_minutes']:.0f} min estimated)."
         )
-    header = "| model | active params | total params | val bpb | " + " | ".join(f"bpb {d}" for d in domains)
-    lines += ["", header + " | train steps/s |", "|" + "---|" * (5 + len(domains))]
-    for r in report["runs"]:
-        final = r["final"]
-        per_domain = " | ".join(f"{final.get(f'val/bpb/{d}', math.nan):.3f}" for d in domains)
-        lines.append(
-            f"| {r['label']} | {r['params']['active']:,} | {r['params']['total']:,} | {final['val/bpb']:.3f} | "
-            f"{per_domain} | {r['steps_per_s']:.1f} |"
-        )
+    header = ["model", "active params", "total params", "val bpb", *(f"bpb {d}" for d in domains), "train steps/s"]
+    rows = [
+        [
+            r["label"],
+            f"{r['params']['active']:,}",
+            f"{r['params']['total']:,}",
+            f"{r['final']['val/bpb']:.3f}",
+            *(f"{r['final'].get(f'val/bpb/{d}', math.nan):.3f}" for d in domains),
+            f"{r['steps_per_s']:.1f}",
+        ]
+        for r in report["runs"]
+    ]
+    lines += ["", *markdown_table(header, rows)]
     lines += ["", "Goals (final val bpb, all domains):", ""]
     for n, goal in report["goals"].items():
 
@@ -492,11 +492,7 @@ def _fmt(value: float | None) -> str:
 
 def plot_curves(results: list[dict], out: Path) -> None:
     """``curves.png``: val bpb vs step for every model; ``curve_<slug>.png``: one model, per domain."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         steps = [p["step"] for p in r["curve"]]
@@ -519,32 +515,3 @@ def plot_curves(results: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"curve_{r['slug']}.png", dpi=110)
         plt.close(fig)
-
-
-def report_header(benchmark: str, started: float, config: Any) -> dict[str, Any]:
-    """What every benchmark report starts with: its name, the machine, the start date, wall minutes, the config."""
-    return {
-        "benchmark": benchmark,
-        "machine": machine_description(),
-        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
-        "wall_minutes": (time.time() - started) / 60,
-        "config": asdict(config),
-    }
-
-
-def machine_description() -> str:
-    """``<CPU model>, <cores> cores, torch <version>`` (or the CUDA device's name)."""
-    import os
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.recipes import method_options
+from bench.report import markdown_table, report_header
+
 STORE_KINDS = ("device", "host", "disk")
 
 
@@ -34,7 +37,9 @@ class ThroughputConfig:
         rounds: timed rounds, after ``warmup_rounds`` untimed ones.
         global_moe: time ``GlobalMoE`` too.
         threads: torch CPU threads (``None``: torch's default); see ``QualityConfig.threads``.
-        pragnosia: extra ``PragnosiaLM`` keyword arguments.
+        recipe: the shipped config whose method every ``PragnosiaLM`` contender trains (its store and
+            ``expert_cache`` are the contender's).
+        pragnosia: extra ``PragnosiaLM`` keyword arguments, over the recipe.
 
     Raises:
         ValueError: on an unknown store or a non-positive size.
@@ -48,16 +53,15 @@ class ThroughputConfig:
     n_shared_layers: int = 2
     n_heads: int = 4
     num_active_experts: int = 2
-    expert_slots: int = 2
     block_size: int = 128
     batch_size: int = 16
     window_steps: int = 8
     skip_steps: int = 1
     rounds: int = 4
     warmup_rounds: int = 1
-    local_lr: float = 0.05
     max_bytes_per_domain: int | None = 1_000_000
     domains: dict[str, str] = field(default_factory=lambda: {"code": "stdlib-code", "prose": "stdlib-docs"})
+    recipe: str = "quickstart.yaml"
     pragnosia: dict[str, Any] = field(default_factory=dict)
     threads: int | None = 1
     seed: int = 0
@@ -100,6 +104,11 @@ class ThroughputConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.block_size
+
+    @property
+    def expert_slots(self) -> int:
+        """S of the recipe, the unit of ``cache_factors``."""
+        return {**method_options(self.recipe), **self.pragnosia}["expert_slots"]
 
 
 @dataclass
@@ -148,16 +157,8 @@ def build_model(config: ThroughputConfig, contender: Contender, root: str):
     if contender.store is None:
         return GlobalMoE(**common)
     store_dir = Path(root) / f"n{contender.num_experts}-{contender.store}-c{contender.expert_cache}"
-    options = dict(
-        common,
-        expert_slots=config.expert_slots,
-        expert_cache=contender.expert_cache,
-        store=contender.store,
-        store_dir=str(store_dir),
-        local_lr=config.local_lr,
-        seed=config.seed,
-    )
-    options.update(config.pragnosia)
+    options = {**common, **method_options(config.recipe), **config.pragnosia, "seed": config.seed}
+    options.update(expert_cache=contender.expert_cache, store=contender.store, store_dir=str(store_dir))
     model = PragnosiaLM(**options)
     store = model.store
     if store.kind != "device":  # the device store holds every initial record already
@@ -324,8 +325,6 @@ def run_throughput(config: ThroughputConfig, out_dir: str | Path, log=print) -> 
     """Run the benchmark and write ``throughput.json`` and ``throughput.md`` to ``out_dir``."""
     import torch
 
-    from pragnosia_pl.experiments.quality import report_header
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.threads is not None:
@@ -371,28 +370,35 @@ def throughput_markdown(report: dict) -> str:
         f"{report['machine']}, {report['date']}; {report['wall_minutes']:.0f} min wall.",
         "",
         f"d={config['d_model']}, {config['n_shared_layers']} trunk layers, k={config['num_active_experts']}, "
-        f"S={config['expert_slots']}, batch {config['batch_size']}×{config['block_size']} bytes. Contenders of one n "
+        f"configs/{config['recipe']}, batch {config['batch_size']}×{config['block_size']} bytes. Contenders of one n "
         f"take turns, {config['rounds']} timed rounds of {config['window_steps'] - config['skip_steps']} steps "
         f"(+{config['warmup_rounds']} warm-up round), same batches per round. Ratios are medians over rounds of "
         "per-round ratios (same run, same batches). Cache hit rate: loads served from a device slot, an expert "
         "prefetched while the previous one trained included.",
         "",
-        "| n | model | store | cache | tokens/s | step ms (median) | step time / device store | "
-        "speed / GlobalMoE | cache hit rate |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["results"]:
 
-        def fmt(key, spec=".2f"):
-            return (
-                "" if r.get(key) is None or (isinstance(r[key], float) and math.isnan(r[key])) else format(r[key], spec)
-            )
+    def fmt(r: dict, key: str) -> str:
+        value = r.get(key)
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
-        lines.append(
-            f"| {r['num_experts']} | {r['model']} | {r['store'] or '—'} | {r['expert_cache'] or '—'} | "
-            f"{r['tokens_per_s']:,.0f} | {r['step_ms_median']:.1f} | {fmt('step_time_vs_device')} | "
-            f"{fmt('speed_vs_global_moe')} | {fmt('cache_hit_rate')} |"
-        )
+    header = ["n", "model", "store", "cache", "tokens/s", "step ms (median)", "step time / device store"]
+    header += ["speed / GlobalMoE", "cache hit rate"]
+    rows = [
+        [
+            r["num_experts"],
+            r["model"],
+            r["store"] or "—",
+            r["expert_cache"] or "—",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['step_ms_median']:.1f}",
+            fmt(r, "step_time_vs_device"),
+            fmt(r, "speed_vs_global_moe"),
+            fmt(r, "cache_hit_rate"),
+        ]
+        for r in report["results"]
+    ]
+    lines += markdown_table(header, rows)
     lines += [
         "",
         f"- host/disk step time ≤ {goals['max_store_ratio']} × device: "
