@@ -31,7 +31,7 @@ class ExpertGraph:
 
     def __init__(self, record: torch.Tensor) -> None:
         self.record = record  # the slot holding the expert: at the forward, then at the backward
-        self.leaf: torch.Tensor | None = None
+        self.leaves: dict[str, torch.Tensor] = {}
         self.h_e: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
 
@@ -79,12 +79,11 @@ class ExpertRule:
 
     def local_step(self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor) -> LocalStep:
         """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss."""
-        params = self.layout.split(record)[0]
-        leaf = _alias(params).requires_grad_(True)  # the slot's memory, the graph's own version counter
+        leaves = self._leaves(record)
         with torch.enable_grad():
-            expert_out = self.layout.forward(leaf, h_e)  # (N_e, d)
+            expert_out = self.layout.forward_named(leaves, h_e)  # (N_e, d)
             local_loss = self.local_loss(h_e, expert_out, targets_e)
-            (grad,) = torch.autograd.grad(local_loss, leaf)
+            grad = self.layout.flatten(torch.autograd.grad(local_loss, list(leaves.values())))
         grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0), group=self.group)
         finite = torch.isfinite(grad).all()
         if h_e.size(0) > 0 or world_size() > 1:  # one process, no tokens: the mean is NaN, the gradient zero
@@ -114,9 +113,9 @@ class ExpertRule:
             return _alias(record).as_strided(shape, stride, record.storage_offset() + offset)
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            graph.leaf = _alias(self.layout.split(record)[0]).requires_grad_(True)
+            graph.leaves = self._leaves(record)
             graph.h_e = h_e.detach().requires_grad_(True)
-            graph.out = self.layout.forward(graph.leaf, graph.h_e)  # (N_e, d)
+            graph.out = self.layout.forward_named(graph.leaves, graph.h_e)  # (N_e, d)
         return graph
 
     def exact_step(
@@ -128,18 +127,26 @@ class ExpertRule:
         the record was updated."""
         if graph is None:
             graph = ExpertGraph(record)
-            graph.leaf = _alias(self.layout.split(record)[0]).requires_grad_(True)  # loads may land meanwhile
+            graph.leaves = self._leaves(record)
             graph.h_e = h_e.detach().requires_grad_(True)
             with torch.enable_grad():
-                graph.out = self.layout.forward(graph.leaf, graph.h_e)
+                graph.out = self.layout.forward_named(graph.leaves, graph.h_e)
         graph.record = record  # where the saved parameters are read from now
-        grad, grad_in = torch.autograd.grad(graph.out, (graph.leaf, graph.h_e), grad_out)
+        *grads, grad_in = torch.autograd.grad(graph.out, [*graph.leaves.values(), graph.h_e], grad_out)
+        grad = self.layout.flatten(grads)
         grad = average_across_ranks(grad, group=self.group)
         norm = grad.norm()  # non-finite iff some element is (or the sum of squares overflows: skipped too)
         if self.grad_clip > 0:
             grad = grad * (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
         updated = self._step(record, grad, torch.isfinite(norm))
         return grad_in, updated
+
+    def _leaves(self, record: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The expert's parameters in ``record`` as leaves of their own: on the slot's memory, each with its own
+        version counter (loads into other slots may land meanwhile), each its own gradient (a gradient w.r.t.
+        one flat leaf would scatter every parameter's into a zeroed (P,) tensor)."""
+        views = self.layout.param_views(self.layout.split(record)[0])
+        return {name: _alias(view).requires_grad_(True) for name, view in views.items()}
 
     def _step(self, record: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor) -> bool:
         if not bool(finite):  # one host sync per expert, checked before stepping: the step is in place

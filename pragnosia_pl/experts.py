@@ -96,6 +96,7 @@ class ExpertLayout:
         if any(True for _ in self.template.buffers()):
             raise ValueError("an expert module must not have buffers: its whole state must be parameters")
         self.shapes = {name: p.shape for name, p in self.template.named_parameters()}
+        self._functional = getattr(type(self.template), "functional_forward", None)
         self.num_params = sum(shape.numel() for shape in self.shapes.values())
         self.state_numel = optimizer.state_numel(self.num_params)
         self.record_numel = self.num_params + self.state_numel + 1
@@ -114,7 +115,18 @@ class ExpertLayout:
 
     def forward(self, flat_params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Run the expert held in ``flat_params`` (P,) on ``x`` (N, d) -> (N, d)."""
-        return functional_call(self.template, self.param_views(flat_params), (x,))
+        return self.forward_named(self.param_views(flat_params), x)
+
+    def forward_named(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Run the expert with ``params`` by name on ``x`` (N, d) -> (N, d): through its class's
+        ``functional_forward(params, x)`` when it has one (the default FFN does), else ``functional_call``."""
+        if self._functional is not None:
+            return self._functional(params, x)
+        return functional_call(self.template, params, (x,))
+
+    def flatten(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Per-parameter tensors, in :meth:`param_views` order, as one flat (P,) vector."""
+        return torch.cat([g.reshape(-1) for g in grads])
 
     def init_params(self, expert_id: int) -> torch.Tensor:
         """Expert ``expert_id``'s initial parameters (P,) on the CPU, a pure function of (seed, id): every model

@@ -61,6 +61,15 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(self.norm(x))))
 
+    @staticmethod
+    def functional_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the parameters given by name (an expert held in a slot): the same ops, without
+        ``functional_call``'s per-call swap of module parameters."""
+        h = F.layer_norm(x, (x.size(-1),), params["norm.weight"], params["norm.bias"])
+        return F.linear(
+            F.gelu(F.linear(h, params["up.weight"], params["up.bias"])), params["down.weight"], params["down.bias"]
+        )
+
 
 class Block(nn.Module):
     """Pre-norm causal transformer block."""
