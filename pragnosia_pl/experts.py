@@ -16,6 +16,7 @@ from torch.func import functional_call
 from pragnosia_pl.model import FeedForward, init_weights
 
 EXPERT_OPTIMIZERS = ("sgd", "adam")
+_FUSED_ADAM = getattr(torch, "_fused_adam_", None)  # torch's fused Adam kernel (CPU and CUDA since torch 2.4)
 
 
 class FlatSGD:
@@ -53,6 +54,23 @@ class FlatAdam:
         beta1, beta2 = self.betas
         exp_avg, exp_avg_sq = state.chunk(2)
         step.add_(1)
+        if _FUSED_ADAM is not None:  # one pass over the record instead of eight: the kernel AdamW(fused=True) runs
+            _FUSED_ADAM(
+                [param],
+                [grad],
+                [exp_avg],
+                [exp_avg_sq],
+                [],
+                [step],
+                lr=self.lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+            )
+            return
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias1 = 1 - torch.pow(beta1, step)  # (1,) stays on the device: no host sync

@@ -88,7 +88,10 @@ class LanguageModel(LightningModule):
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95))
+        try:  # the fused kernel (CPU and CUDA since torch 2.4), as the experts' flat Adam uses
+            return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95), fused=True)
+        except (RuntimeError, ValueError):
+            return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95))
 
     def val_domain_name(self, dataloader_idx: int) -> str:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
