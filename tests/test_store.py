@@ -276,7 +276,7 @@ def test_disk_store_detects_a_corrupted_byte(tmp_path):
     ) as info:
         read(store, 5)
     assert info.value.expert_id == 5 and info.value.path == str(store.path)
-    assert re.search(r"expected crc32 0x[0-9a-f]{8}, got 0x[0-9a-f]{8}", str(info.value))
+    assert re.search(r"expected xxh3 0x[0-9a-f]{16}, got 0x[0-9a-f]{16}", str(info.value))
     with pytest.raises(CorruptRecordError, match="expert 5"):
         store.read_async(5, torch.empty(R)).wait()  # worker errors surface on wait()
     assert same_bits(read(store, 6), record(6))  # neighbours are intact
