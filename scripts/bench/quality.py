@@ -23,18 +23,17 @@ MODEL_KINDS = ("pragnosia", "global_moe", "dense")
 # Every PragnosiaLM recipe of the benchmark: name -> (config file, overrides, why each override).
 PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
     "quickstart": ("quickstart.yaml", {}, ""),
-    "exact": (
-        "streamed.yaml",
-        {"router": "flat"},
-        "GlobalMoE's flat router: then it is the GlobalMoE of the same seed, update for update",
-    ),
-    "bounded": ("bounded.yaml", {"router": "flat"}, "GlobalMoE's flat router, as [exact]"),
+    "exact": ("streamed.yaml", {}, ""),
+    "bounded": ("bounded.yaml", {}, ""),
     "local": (
         "streamed.yaml",
-        {"objective": "local", "router": "flat"},
+        {"objective": "local"},
         "[exact] with the seed's local rule: what local learning costs at the same routing, cache and optimizer",
     ),
 }
+# GlobalMoE takes the recipes' router (configs/streamed.yaml's): with the same seed it is then the model the exact
+# recipe trains, update for update.
+GLOBAL_MOE_ROUTER = method_options("streamed.yaml")["router"]
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -208,7 +207,7 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
     if plan.kind == "dense":
         return DenseLM(**common)
     if plan.kind == "global_moe":
-        return GlobalMoE(**common, num_experts=plan.num_experts)
+        return GlobalMoE(**common, num_experts=plan.num_experts, router=GLOBAL_MOE_ROUTER)
     options = {**common, **preset("quickstart"), **config.pragnosia, **config.variants.get(plan.variant, {})}
     options.update(num_experts=plan.num_experts, store=config.store, store_dir=store_dir)
     return PragnosiaLM(**options)
