@@ -31,6 +31,7 @@ RECIPES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "local S=8": ("quickstart.yaml", {"expert_slots": 8, "expert_cache": 8}),
     "local": ("quickstart.yaml", {"expert_slots": None, "expert_cache": 8}),
     "exact": ("streamed.yaml", {}),
+    "bounded": ("bounded.yaml", {}),
     "GlobalMoE": None,
 }
 
@@ -250,8 +251,8 @@ def markdown(report: dict) -> str:
         f"store (materialized), each contender trained {config['train_before']} steps first, then "
         f"{config['rounds']} timed rounds × {config['window_steps'] - 1} steps, "
         "all contenders of one n interleaved in one process. Recipes: `configs/quickstart.yaml` (local S=2; "
-        "`local S=8`: expert_slots 8, cache 8; `local`: no cap, cache 8) and `configs/streamed.yaml` (exact, "
-        "no cap, cache 8, product router); GlobalMoE: the exact recipe's model (same widths, router, seed and "
+        "`local S=8`: expert_slots 8, cache 8; `local`: no cap, cache 8), `configs/streamed.yaml` (exact, "
+        "no cap, cache 8, product router) and `configs/bounded.yaml` (`bounded`: exact, at most 8 experts a step); GlobalMoE: the exact recipe's model (same widths, router, seed and "
         "clipping), every expert resident, so it touches the same experts as `exact`.",
         "",
         "Median ms per training step (reads: store reads per step; per touched: reads per touched expert; "
