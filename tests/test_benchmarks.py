@@ -133,3 +133,20 @@ def test_fit_budget_cuts_steps_to_a_multiple_of_eval_every():
 def test_config_errors(factory, kwargs, match):
     with pytest.raises(ValueError, match=match):
         factory(**kwargs)
+
+
+def test_bench_engine_quick(tmp_path, monkeypatch):
+    out = tmp_path / "engine"
+    run_script("bench_engine.py", "--quick", "--out", str(out), monkeypatch=monkeypatch)
+    for name in ("engine.json", "README.md", "step_time.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "engine.json").read_text())
+    rows = {r["recipe"]: r for r in report["results"]}
+    assert set(rows) == {"local S=2", "local S=8", "local", "exact", "bounded", "GlobalMoE"}
+    assert rows["GlobalMoE"]["step_time_vs_global_moe"] == 1.0
+    for name, row in rows.items():
+        assert math.isfinite(row["step_ms_median"]) and row["step_ms_median"] > 0, name
+        if name != "GlobalMoE":  # invariant 7, as the benchmark counts it
+            limit = 2 if name in ("exact", "bounded") else 1
+            assert 0 <= row["reads_per_touched_expert"] <= limit, row
+    assert "| 8 | exact |" in (out / "README.md").read_text()

@@ -14,8 +14,6 @@ it is the model the ``exact`` recipe trains, update for update, so both touch th
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -23,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench.report import machine_description
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # name: (config file, PragnosiaLM overrides); None: GlobalMoE
@@ -223,23 +223,12 @@ def run(config: EngineBenchConfig, out: Path, log=print) -> dict:
             results += run_group(config, n, batches, Path(tmp), log)
     report = {
         "config": asdict(config),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), "
-        f"torch {torch.__version__}, Python {platform.python_version()}",
+        "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
     write_report(report, out)
     return report
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def markdown(report: dict) -> str:

@@ -21,8 +21,8 @@ def report_header(benchmark: str, started: float, config: Any) -> dict[str, Any]
     }
 
 
-def machine_description() -> str:
-    """``<CPU model>, <cores> cores, <threads> torch threads, torch <version>``."""
+def machine_description(device: str = "") -> str:
+    """``<CPU model>, <cores> cores, <threads> torch threads[, device], torch <version>, Python <version>``."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -33,7 +33,11 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    device = f", {device}" if device else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{device}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def markdown_table(header: list[str], rows: list[list[Any]], align: str = "") -> list[str]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
+
+from bench import report
 
 SCRIPTS = Path(__file__).resolve().parents[1]
 ROOT = SCRIPTS.parent
@@ -385,19 +386,9 @@ def run_isolated(config: ScalingConfig, plan: RunPlan) -> dict[str, Any]:
 def machine_description(config: ScalingConfig) -> str:
     import torch
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = f", {torch.cuda.get_device_name()}" if config.accelerator == "gpu" and torch.cuda.is_available() else ""
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {config.threads} torch thread(s){device}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
+    gpu = config.accelerator == "gpu" and torch.cuda.is_available()
+    torch.set_num_threads(config.threads)
+    return report.machine_description(torch.cuda.get_device_name() if gpu else "")
 
 
 def load_report(config: ScalingConfig, path: Path, command: str) -> dict[str, Any]:
