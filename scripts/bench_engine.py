@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             max_bytes_per_domain=60_000,
             overrides={**options["overrides"], "d_model": 16, "n_heads": 2, "n_shared_layers": 1},
         )
-    run(EngineBenchConfig(**options), args.out)
+    command = " ".join(["python scripts/bench_engine.py", *(sys.argv[1:] if argv is None else argv)])
+    run(EngineBenchConfig(**options), args.out, command=command)
     print((args.out / "README.md").read_text())
 
 

@@ -199,7 +199,7 @@ def summarize(config: EngineBenchConfig, contender: Contender) -> dict:
     return result
 
 
-def run(config: EngineBenchConfig, out: Path, log=print) -> dict:
+def run(config: EngineBenchConfig, out: Path, log=print, command: str = "") -> dict:
     import time
 
     import torch
@@ -225,6 +225,7 @@ def run(config: EngineBenchConfig, out: Path, log=print) -> dict:
         "config": asdict(config),
         "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
+        "command": command,
         "results": results,
     }
     write_report(report, out)
@@ -235,6 +236,8 @@ def markdown(report: dict) -> str:
     config = report["config"]
     lines = [
         "# Engine step time (issue 15)",
+        "",
+        f"`{report.get('command') or 'python scripts/bench_engine.py'}`",
         "",
         f"{report['date']}, {report['machine']}. Batch {config['batch_size']}×{config['block_size']} bytes, disk "
         f"store (materialized), each contender trained {config['train_before']} steps first, then "
