@@ -248,7 +248,8 @@ def markdown(report: dict) -> str:
         "no cap, cache 8, product router)"
         + (" and `configs/bounded.yaml` (`bounded`: exact, at most 8 experts a step)" if "bounded" in ran else "")
         + "; GlobalMoE: the exact recipe's model (same widths, router, seed and clipping), every expert "
-        "resident, so it touches the same experts as `exact`.",
+        "resident, so it touches the same experts as `exact`."
+        + (f" Every model also takes {config['overrides']}." if config.get("overrides") else ""),
         "",
         "Median ms per training step (reads: store reads per step; per touched: reads per touched expert; "
         "pairs/read: (token, expert) pairs per store read):",
