@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 ROUTERS = ("product", "flat")
-SCORE_BUDGET = 1 << 20  # router scores (floats) held at once: tokens are scored in chunks of this / (n1 + n2)
+SCORE_BUDGET = 1 << 18  # router scores (floats) held at once: tokens are scored in chunks of this / (n1 + n2)
 
 
 class ExpertGroups(NamedTuple):
@@ -123,7 +123,7 @@ class Router(nn.Module):
         pool = candidates
         with torch.no_grad():
             if expert_slots is not None and expert_slots < (self.num_experts if pool is None else pool.numel()):
-                mass = sum(self._mass(self._log_probs(part), pool) for part in parts)  # (n,) or (C,)
+                mass = self._mass(parts, pool)  # (n,) or (C,)
                 if mass_hook is not None:
                     mass = mass_hook(mass)
                 top = mass.topk(expert_slots).indices  # (S,)
@@ -150,14 +150,24 @@ class Router(nn.Module):
     def _log_probs(self, h: torch.Tensor) -> list[torch.Tensor]:
         return [F.log_softmax(s, dim=-1) for s in self.proj(h).float().split(self.keys, dim=-1)]  # (N, n1), (N, n2)
 
-    def _mass(self, log_probs: list[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
-        """Router probability mass summed over the tokens: of every expert (n,), or of the ``pool`` (C,)."""
-        if pool is not None:
-            return self._log_prob_at(log_probs, pool).exp().sum(dim=0)  # (C,)
-        probs = [lp.exp() for lp in log_probs]
-        if self.kind == "flat":
-            return probs[0].sum(dim=0)  # (n,)
-        return (probs[0].t() @ probs[1]).flatten()[: self.num_experts]  # (n1, n2) Σ_t p1_t(i)·p2_t(j) -> (n,)
+    def _mass(self, parts: tuple[torch.Tensor, ...], pool: torch.Tensor | None) -> torch.Tensor:
+        """Router probability mass summed over the tokens of ``parts``: of every expert (n,), or of the ``pool``
+        (C,), accumulated in place chunk by chunk."""
+        size = (
+            self.keys
+            if pool is None and self.kind == "product"
+            else (self.num_experts if pool is None else pool.numel(),)
+        )
+        mass = parts[0].new_zeros(size, dtype=torch.float32)
+        for part in parts:
+            log_probs = self._log_probs(part)
+            if pool is not None:
+                mass += self._log_prob_at(log_probs, pool).exp().sum(dim=0)  # (C,)
+            elif self.kind == "flat":
+                mass += log_probs[0].exp().sum(dim=0)  # (n,)
+            else:
+                mass.addmm_(log_probs[0].exp().t(), log_probs[1].exp())  # (n1, n2) Σ_t p1_t(i)·p2_t(j)
+        return mass.flatten()[: self.num_experts]
 
     def _choose(self, log_probs: list[torch.Tensor], pool: torch.Tensor | None) -> torch.Tensor:
         """Each token's top-k expert ids: of all n, or of the ``pool``: (N, k)."""
@@ -191,8 +201,7 @@ class Router(nn.Module):
     @torch.no_grad()
     def expert_mass(self, h: torch.Tensor) -> torch.Tensor:
         """Router probability mass of every expert summed over the tokens ``h`` (N, d): (n,)."""
-        parts = h.split(max(1, SCORE_BUDGET // sum(self.keys)))
-        return sum(self._mass(self._log_probs(part), None) for part in parts)
+        return self._mass(h.split(max(1, SCORE_BUDGET // sum(self.keys))), None)
 
     def _split(self, experts: torch.Tensor) -> list[torch.Tensor]:
         if self.kind == "flat":
