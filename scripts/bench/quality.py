@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.recipes import method_options
+from bench.recipes import method_options, text_domains
 from bench.report import markdown_table, pyplot, report_header
 
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
@@ -323,19 +323,7 @@ def train_one(config: QualityConfig, plan: RunPlan, data, steps: int, root: str,
 
 
 def make_datamodule(config: QualityConfig):
-    from pragnosia_pl import TextDomains
-
-    data = TextDomains(
-        dict(config.domains),
-        block_size=config.block_size,
-        batch_size=config.batch_size,
-        max_bytes_per_domain=config.max_bytes_per_domain,
-        seed=config.seed,
-        cache_dir=config.cache_dir,
-    )
-    data.prepare_data()
-    data.setup("fit")
-    return data
+    return text_domains(config)
 
 
 def probe_steps_per_s(config: QualityConfig, runs: list[RunPlan], data, root: str) -> dict[str, float]:

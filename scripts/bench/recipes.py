@@ -13,9 +13,27 @@ BENCHMARK_KEYS = frozenset(
     | {"store", "store_dir"}
 )
 
-__all__ = ["BENCHMARK_KEYS", "CONFIGS", "method_options", "model_options"]
+__all__ = ["BENCHMARK_KEYS", "CONFIGS", "method_options", "model_options", "text_domains"]
 
 
 def method_options(config_file: str) -> dict[str, Any]:
     """A shipped config's ``PragnosiaLM`` options without :data:`BENCHMARK_KEYS`: its method."""
     return {k: v for k, v in model_options(config_file).items() if k not in BENCHMARK_KEYS}
+
+
+def text_domains(config: Any):
+    """The benchmark's data, prepared and set up for fitting: ``TextDomains`` over ``config.domains`` with the
+    config's ``block_size``, ``batch_size``, ``max_bytes_per_domain``, ``seed`` and ``cache_dir``."""
+    from pragnosia_pl import TextDomains
+
+    data = TextDomains(
+        dict(config.domains),
+        block_size=config.block_size,
+        batch_size=config.batch_size,
+        max_bytes_per_domain=config.max_bytes_per_domain,
+        seed=config.seed,
+        cache_dir=config.cache_dir,
+    )
+    data.prepare_data()
+    data.setup("fit")
+    return data

@@ -51,6 +51,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from bench import report
+from bench.recipes import text_domains
 
 SCRIPTS = Path(__file__).resolve().parents[1]
 ROOT = SCRIPTS.parent
@@ -285,21 +286,12 @@ def train_run(config: ScalingConfig, plan: RunPlan, root: str) -> dict[str, Any]
     from lightning.pytorch import Trainer, seed_everything
 
     from callbacks import MemoryMonitor
-    from pragnosia_pl import PragnosiaLM, TextDomains
+    from pragnosia_pl import PragnosiaLM
 
     torch.set_num_threads(config.threads)
     started = time.perf_counter()
     seed_everything(config.seed, verbose=False)
-    data = TextDomains(
-        dict(config.domains),
-        block_size=config.block_size,
-        batch_size=config.batch_size,
-        max_bytes_per_domain=config.max_bytes_per_domain,
-        seed=config.seed,
-        cache_dir=config.cache_dir,
-    )
-    data.prepare_data()
-    data.setup("fit")
+    data = text_domains(config)
     model = build_model(config, plan, str(Path(root) / "store"))
     monitor, recorder = MemoryMonitor(), _recorder(config.tokens_per_step)
     setup_seconds = time.perf_counter() - started

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.recipes import method_options
+from bench.recipes import method_options, text_domains
 from bench.report import markdown_table, report_header
 
 STORE_KINDS = ("device", "host", "disk")
@@ -223,18 +223,7 @@ def train_window(contender: Contender, batches: list, config: ThroughputConfig, 
 
 def draw_batches(config: ThroughputConfig, count: int) -> list:
     """``count`` training batches of the mixed domains, in the data module's seeded order."""
-    from pragnosia_pl import TextDomains
-
-    data = TextDomains(
-        dict(config.domains),
-        block_size=config.block_size,
-        batch_size=config.batch_size,
-        max_bytes_per_domain=config.max_bytes_per_domain,
-        seed=config.seed,
-        cache_dir=config.cache_dir,
-    )
-    data.prepare_data()
-    data.setup("fit")
+    data = text_domains(config)
     batches = []
     while len(batches) < count:
         for batch in data.train_dataloader():
