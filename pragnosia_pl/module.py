@@ -314,7 +314,8 @@ class PragnosiaLM(LanguageModel):
             token_idx = groups.token_idx[rows]  # (N_e,)
             grad_out = gates[rows, None] * grad_z[token_idx]  # (N_e, d)
             graph = None if self._graphs is None else self._graphs[position]
-            grad_in, updated = self.rule.exact_step(record, h_in[token_idx], grad_out, graph)
+            h_e = graph.h_e if graph is not None else h_in[token_idx]  # a kept graph holds its inputs already
+            grad_in, updated = self.rule.exact_step(record, h_e, grad_out, graph)
             grad_h.index_add_(0, token_idx, grad_in)
             self._after_update(cache, expert_id, updated)
         return grad_h

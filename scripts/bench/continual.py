@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.recipes import text_domains
 from bench.report import markdown_table, pyplot, report_header
 
 BASELINES = ("global_moe", "dense", "joint")
@@ -229,16 +230,7 @@ def make_datamodule(config: ContinualConfig, mixed: bool = False):
         def set_domain(self, name: str | None) -> None:
             super().set_domain(None)
 
-    data = (MixedDomains if mixed else TextDomains)(
-        dict(config.domains),
-        block_size=config.block_size,
-        batch_size=config.batch_size,
-        max_bytes_per_domain=config.max_bytes_per_domain,
-        seed=config.seed,
-        cache_dir=config.cache_dir,
-    )
-    data.prepare_data()
-    data.setup("fit")
+    data = text_domains(config, MixedDomains if mixed else None)
     smallest = min(data.num_tokens(d) // (config.block_size * config.batch_size) for d in config.schedule)
     if smallest < config.batches_per_epoch:
         raise ValueError(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.recipes import method_options, text_domains
+from bench.recipes import method_options, record_bpb, text_domains
 from bench.report import markdown_table, pyplot, report_header
 
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
@@ -255,12 +255,7 @@ def _curve_recorder():
         def on_validation_end(self, trainer, pl_module) -> None:
             if trainer.sanity_checking:
                 return
-            point = {"step": trainer.global_step}
-            point.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/bpb")})
-            if self.points and self.points[-1]["step"] == point["step"]:
-                self.points[-1] = point
-            else:
-                self.points.append(point)
+            record_bpb(self.points, trainer)
 
     return CurveRecorder()
 

@@ -13,7 +13,7 @@ BENCHMARK_KEYS = frozenset(
     | {"store", "store_dir"}
 )
 
-__all__ = ["BENCHMARK_KEYS", "CONFIGS", "method_options", "model_options", "text_domains"]
+__all__ = ["BENCHMARK_KEYS", "CONFIGS", "method_options", "model_options", "record_bpb", "text_domains"]
 
 
 def method_options(config_file: str) -> dict[str, Any]:
@@ -21,12 +21,13 @@ def method_options(config_file: str) -> dict[str, Any]:
     return {k: v for k, v in model_options(config_file).items() if k not in BENCHMARK_KEYS}
 
 
-def text_domains(config: Any):
-    """The benchmark's data, prepared and set up for fitting: ``TextDomains`` over ``config.domains`` with the
-    config's ``block_size``, ``batch_size``, ``max_bytes_per_domain``, ``seed`` and ``cache_dir``."""
+def text_domains(config: Any, data_class: type | None = None):
+    """The benchmark's data, prepared and set up for fitting: ``TextDomains`` (or ``data_class``, a subclass) over
+    ``config.domains`` with the config's ``block_size``, ``batch_size``, ``max_bytes_per_domain``, ``seed`` and
+    ``cache_dir``."""
     from pragnosia_pl import TextDomains
 
-    data = TextDomains(
+    data = (data_class or TextDomains)(
         dict(config.domains),
         block_size=config.block_size,
         batch_size=config.batch_size,
@@ -37,3 +38,14 @@ def text_domains(config: Any):
     data.prepare_data()
     data.setup("fit")
     return data
+
+
+def record_bpb(curve: list[dict[str, Any]], trainer: Any, **extra: Any) -> None:
+    """Append the validation bpb of ``trainer``'s last validation to a learning ``curve`` (replacing the point of the
+    same step, so a validation run twice at one step is recorded once)."""
+    point = {"step": trainer.global_step, **extra}
+    point.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/bpb")})
+    if curve and curve[-1]["step"] == point["step"]:
+        curve[-1] = point
+    else:
+        curve.append(point)

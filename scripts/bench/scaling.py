@@ -51,7 +51,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from bench import report
-from bench.recipes import text_domains
+from bench.recipes import record_bpb, text_domains
 
 SCRIPTS = Path(__file__).resolve().parents[1]
 ROOT = SCRIPTS.parent
@@ -266,12 +266,7 @@ def _recorder(tokens_per_step: int):
             if trainer.sanity_checking:
                 return
             self.validation_seconds.append(_now(pl_module.device) - self._start)
-            point = {"step": trainer.global_step, "tokens": trainer.global_step * tokens_per_step}
-            point.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/bpb")})
-            if self.curve and self.curve[-1]["step"] == point["step"]:
-                self.curve[-1] = point
-            else:
-                self.curve.append(point)
+            record_bpb(self.curve, trainer, tokens=trainer.global_step * tokens_per_step)
 
     return Recorder()
 

@@ -198,23 +198,29 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_window(contender: Contender, batches: list, config: ThroughputConfig, root: str) -> list[float]:
-    """Train ``contender`` on ``batches`` with a fresh ``Trainer``; the timed steps' seconds."""
+def timing_trainer(steps: int, root: str, callback):
+    """A bare ``Trainer`` for ``steps`` training steps: no logger, checkpoints, progress bar or validation."""
     from lightning.pytorch import Trainer
 
-    timer = _step_timer()
-    trainer = Trainer(
+    return Trainer(
         accelerator="auto",
         devices=1,
-        max_steps=len(batches),
+        max_steps=steps,
         default_root_dir=root,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[timer],
+        callbacks=[callback],
     )
+
+
+def train_window(contender: Contender, batches: list, config: ThroughputConfig, root: str) -> list[float]:
+    """Train ``contender`` on ``batches`` with a fresh ``Trainer``; the timed steps' seconds."""
+
+    timer = _step_timer()
+    trainer = timing_trainer(len(batches), root, timer)
     from torch.utils.data import DataLoader
 
     trainer.fit(contender.model, train_dataloaders=DataLoader(batches, batch_size=None))
@@ -424,7 +430,6 @@ def profile_step(
             if batch_idx == steps + 1:
                 self.prof.__exit__(None, None, None)
 
-    from lightning.pytorch import Trainer
     from torch.utils.data import DataLoader
 
     with tempfile.TemporaryDirectory(prefix="pragnosia-profile-") as root:
@@ -432,18 +437,7 @@ def profile_step(
         contender = Contender(num_experts, store, expert_cache)
         model = build_model(config, contender, root)
         profiled = Profiled()
-        trainer = Trainer(
-            accelerator="auto",
-            devices=1,
-            max_steps=len(batches),
-            default_root_dir=root,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            callbacks=[profiled],
-        )
+        trainer = timing_trainer(len(batches), root, profiled)
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
         model.store.close()
     return profiled.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
