@@ -44,6 +44,16 @@ def test_quick_mode_writes_a_sane_report_and_resumes(tmp_path, capsys):
     main(args)  # everything is in the JSON: nothing runs again
     assert "resuming" in capsys.readouterr().out
     assert json.loads((out / "scaling.json").read_text())["runs"] == runs
+    # choosing fewer runs (or more) is the same benchmark: the report keeps every run and the union of the choices
+    main(["--quick", "--models", "exact", "--experts", "8", "--out", str(out)])
+    report = json.loads((out / "scaling.json").read_text())
+    assert report["runs"] == runs
+    assert report["config"]["num_experts"] == [8, 64] and report["config"]["models"] == [
+        "exact",
+        "local",
+        "global_moe",
+        "dense",
+    ]
     with pytest.raises(ValueError, match=r"another config \(differs in: steps\)"):
         main([*args, "--steps", "8"])
 

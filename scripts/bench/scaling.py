@@ -61,6 +61,7 @@ MODELS = ("exact", "local", "global_moe", "dense")
 LABELS = {"exact": "PragnosiaLM exact", "local": "PragnosiaLM local", "global_moe": "GlobalMoE", "dense": "DenseLM"}
 # Both objectives run the same streamed recipe (DESIGN §3): each token its own top-k of all n, the touched experts
 # through 8 device slots, records on disk, Adam experts at the shared lr (local_lr is set to lr in build_model).
+RUN_CHOICES = ("num_experts", "models", "global_moe_max")
 STREAMED = {"expert_slots": None, "expert_cache": 8, "store": "disk", "expert_optimizer": "adam"}
 
 
@@ -387,12 +388,21 @@ def load_report(config: ScalingConfig, path: Path, command: str) -> dict[str, An
     wanted = json.loads(json.dumps(asdict(config)))
     if path.is_file():
         report = json.loads(path.read_text())
-        if report["config"] != wanted:
-            keys = sorted(k for k in wanted if report["config"].get(k) != wanted[k])
+        # num_experts, models and global_moe_max only choose which runs there are: a run's result does not depend
+        # on them, so a report may gain runs (a larger n, another model) under the union of the choices.
+        keys = sorted(k for k in wanted if k not in RUN_CHOICES and report["config"].get(k) != wanted[k])
+        if keys:
             raise ValueError(
                 f"{path} holds runs of another config (differs in: {', '.join(keys)}); resume with the same "
                 "options, or give another --out"
             )
+        old = report["config"]
+        report["config"] = {
+            **wanted,
+            "num_experts": sorted(set(old["num_experts"]) | set(wanted["num_experts"])),
+            "models": [m for m in MODELS if m in old["models"] or m in wanted["models"]],
+            "global_moe_max": max(old["global_moe_max"], wanted["global_moe_max"]),
+        }
         report.setdefault("commands", []).append(command)
         return report
     return {
