@@ -25,7 +25,7 @@ from pragnosia_pl.experts import ExpertLayout, feed_forward_expert, make_expert_
 from pragnosia_pl.lm_base import LanguageModel, check_positive, seeded
 from pragnosia_pl.residency import ExpertResidency, StoreKind
 from pragnosia_pl.router import ExpertGroups, Router
-from pragnosia_pl.store import ExpertStore
+from pragnosia_pl.store import STORE_KINDS, ExpertStore
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,7 +63,9 @@ class PragnosiaLM(LanguageModel):
             pass) for this many sequences at a time, so a large batch trains in the trunk memory of a small one.
             ``None``: the whole batch in one pass.
         expert_hidden: hidden width of the default FFN expert; default 4·d.
-        store: where experts live off the device: ``device`` (all resident, for comparison), ``host`` or ``disk``.
+        store: where experts live off the device: ``device`` (all resident, for comparison), ``host``, ``disk``
+            (a file read through the page cache) or ``direct`` (the same file read and written with ``O_DIRECT``,
+            bypassing the page cache: for stores larger than RAM).
         store_dir: disk-store and snapshot location; default ``<log_dir>/expert_store``.
         keep_snapshots: store snapshots (one per checkpoint) to keep, plus the previous one while a checkpoint is
             being written (so a crash never leaves the last checkpoint without its experts); ``None`` keeps all.
@@ -146,8 +148,8 @@ class PragnosiaLM(LanguageModel):
             )
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"model.micro_batch ({micro_batch}) must be ≥ 1 or null (the whole batch)")
-        if store not in ("device", "host", "disk"):
-            raise ValueError(f"model.store ({store!r}) must be one of: device, host, disk")
+        if store not in STORE_KINDS:
+            raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORE_KINDS)}")
         if max_nonfinite is not None and max_nonfinite < 1:
             raise ValueError(f"model.max_nonfinite ({max_nonfinite}) must be ≥ 1 or null (never stop)")
         self.automatic_optimization = False

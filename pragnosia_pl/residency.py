@@ -18,7 +18,7 @@ from pragnosia_pl.distributed import rank, world_size
 from pragnosia_pl.expert_cache import ExpertCache
 from pragnosia_pl.store import CorruptRecordError, ExpertStore, make_store, remove_stale_live_directories
 
-StoreKind = Literal["device", "host", "disk"]
+StoreKind = Literal["device", "host", "disk", "direct"]
 
 
 class ExpertResidency:

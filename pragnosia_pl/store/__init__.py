@@ -57,7 +57,7 @@ def make_store(
     """Builds the store named by ``model.store``.
 
     Args:
-        kind: ``"device"``, ``"host"`` or ``"disk"``.
+        kind: ``"device"``, ``"host"``, ``"disk"`` or ``"direct"`` (the disk store with ``O_DIRECT``).
         num_experts: number of experts.
         record_numel: float32 elements per record.
         init_record: fills an expert's initial record.
@@ -65,15 +65,17 @@ def make_store(
         directory: where the disk store puts its record file (``experts.bin``).
 
     Raises:
-        ValueError: unknown ``kind``, or ``kind="disk"`` without a ``directory``.
+        ValueError: unknown ``kind``, or a disk store without a ``directory``.
     """
     device = torch.device(device)
     if kind == "device":
         return DeviceStore(num_experts, record_numel, init_record, device=device)
     if kind == "host":
         return HostStore(num_experts, record_numel, init_record, pin_memory=device.type == "cuda")
-    if kind == "disk":
+    if kind in ("disk", "direct"):
         if directory is None:
-            raise ValueError("model.store_dir must be set when model.store is 'disk'")
-        return DiskStore(Path(directory) / "experts.bin", num_experts, record_numel, init_record)
+            raise ValueError(f"model.store_dir must be set when model.store is {kind!r}")
+        return DiskStore(
+            Path(directory) / "experts.bin", num_experts, record_numel, init_record, direct=kind == "direct"
+        )
     raise ValueError(f"model.store ({kind!r}) must be one of: {', '.join(STORE_KINDS)}")

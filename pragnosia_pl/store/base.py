@@ -29,7 +29,7 @@ RecordInit = Callable[[int, torch.Tensor], None]
 """``init_record(expert_id, out)`` fills the zeroed CPU float32 vector ``out`` (``record_numel``
 elements) with the expert's initial record, deterministically from ``(seed, expert_id)``."""
 
-STORE_KINDS = ("device", "host", "disk")
+STORE_KINDS = ("device", "host", "disk", "direct")
 SNAPSHOT_FORMAT = "pragnosia-expert-store"
 SNAPSHOT_VERSION = 1
 # Snapshot and restore stream records through a buffer of at most this size (one record if records are larger).

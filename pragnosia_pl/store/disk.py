@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +16,10 @@ import xxhash
 from pragnosia_pl.faults import crash_point
 from pragnosia_pl.store.base import CorruptRecordError, ExpertStore, Pending, RecordInit
 from pragnosia_pl.store.files import _byte_view, _fdatasync, _lock_exclusively, _pread_full, _pwrite_full
+
+# O_DIRECT transfers must start at, and span, multiples of the logical block size (512 B or 4 KiB): records are
+# placed at multiples of DIRECT_ALIGN and moved through one page-aligned buffer.
+DIRECT_ALIGN = 4096
 
 
 class DiskStore(ExpertStore):
@@ -27,6 +34,13 @@ class DiskStore(ExpertStore):
     one worker thread, in issue order; it releases the GIL, so ``read_async``/``write_async`` overlap
     with compute.
 
+    With ``direct=True`` (``model.store: direct``) the file is opened with ``O_DIRECT``: every read comes from the
+    disk and no record enters the page cache, so a store larger than RAM neither thrashes the cache nor pushes
+    other processes' pages out. Records then start at multiples of 4 KiB and pass through one page-aligned buffer
+    (one extra copy, ~0.5 ms per 8 MB record). The time the worker spends in the system calls is counted
+    (``read_seconds``, ``write_seconds`` in :meth:`stats`), and so are the bytes it read from the file
+    (``file_bytes_read``: reads of materialized experts).
+
     Args:
         path: the record file (created, or truncated if it exists; parent folders are created). It is
             locked while the store is open.
@@ -34,9 +48,11 @@ class DiskStore(ExpertStore):
         record_numel: float32 elements per record (R ≥ 1).
         init_record: fills an expert's initial record (see :data:`RecordInit`).
         fsync: ``fdatasync`` after every write (durable, slower); snapshots are always fsynced.
+        direct: read and write with ``O_DIRECT`` (bypass the page cache).
 
     Raises:
-        ValueError: ``num_experts`` or ``record_numel`` below 1.
+        ValueError: ``num_experts`` or ``record_numel`` below 1; ``direct`` on a file system without ``O_DIRECT``
+            (tmpfs, for example) or a platform without it.
         RuntimeError: another open DiskStore uses ``path``.
         CorruptRecordError: (from reads) a record fails its checksum or the file was truncated.
 
@@ -57,19 +73,26 @@ class DiskStore(ExpertStore):
         record_numel: int,
         init_record: RecordInit,
         fsync: bool = False,
+        direct: bool = False,
     ) -> None:
         super().__init__(num_experts, record_numel, init_record)
         self.path = Path(path)
         self.fsync = fsync
+        self.direct = direct
+        # bytes from one record's start to the next: records are DIRECT_ALIGN-aligned for O_DIRECT
+        self.stride = -(-self.record_bytes // DIRECT_ALIGN) * DIRECT_ALIGN if direct else self.record_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = _open_records(self.path, direct)
         try:
             _lock_exclusively(self._fd, self.path)
             os.ftruncate(self._fd, 0)  # drop whatever an earlier run left, then grow sparse
-            os.ftruncate(self._fd, num_experts * self.record_bytes)
+            os.ftruncate(self._fd, num_experts * self.stride)
         except BaseException:
             os.close(self._fd)
             raise
+        # direct I/O moves records through this page-aligned buffer (anonymous mmaps are page-aligned)
+        self._aligned = mmap.mmap(-1, self.stride) if direct else None
+        self._io = dict(read_seconds=0.0, write_seconds=0.0, file_bytes_read=0)  # worker thread only
         self._crc: dict[int, int] = {}  # materialized expert id -> xxh3-64 of its record; worker thread only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pragnosia-disk-store")
         self._release = weakref.finalize(self, _release_disk_store, self._worker, self._fd)
@@ -77,8 +100,10 @@ class DiskStore(ExpertStore):
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def stats(self) -> dict[str, float]:
-        """:meth:`ExpertStore.stats` plus ``file_bytes_allocated`` (disk blocks the sparse file uses)."""
+        """:meth:`ExpertStore.stats` plus ``file_bytes_allocated`` (disk blocks the sparse file uses), the worker's
+        seconds in reads and writes (``read_seconds``, ``write_seconds``) and ``file_bytes_read``."""
         stats = super().stats()
+        stats.update({key: float(value) for key, value in self._io.items()})
         if not self._closed:
             stats["file_bytes_allocated"] = float(os.fstat(self._fd).st_blocks * 512)
         return stats
@@ -96,7 +121,7 @@ class DiskStore(ExpertStore):
     def __repr__(self) -> str:
         return (
             f"DiskStore(path='{self.path}', num_experts={self.num_experts}, record_numel={self.record_numel}, "
-            f"materialized={len(self._written)})"
+            f"direct={self.direct}, materialized={len(self._written)})"
         )
 
     def _read(self, expert_id: int, into: torch.Tensor) -> None:
@@ -148,8 +173,15 @@ class DiskStore(ExpertStore):
             self._initial_record(expert_id, out)
             return
         view = _byte_view(out)
-        offset = expert_id * self.record_bytes
-        got = _pread_full(self._fd, view, offset)
+        offset = expert_id * self.stride
+        start = time.perf_counter()
+        if self._aligned is None:
+            got = _pread_full(self._fd, view, offset)
+        else:
+            got = min(_pread_full(self._fd, memoryview(self._aligned), offset), len(view))
+            view[:] = memoryview(self._aligned)[: len(view)]
+        self._io["read_seconds"] += time.perf_counter() - start
+        self._io["file_bytes_read"] += got
         if got != len(view):
             raise CorruptRecordError(
                 f"expert {expert_id}: {self.path} is truncated: read {got} of {len(view)} bytes of its record "
@@ -169,11 +201,16 @@ class DiskStore(ExpertStore):
     def _write_cpu(self, expert_id: int, src: torch.Tensor) -> None:
         view = _byte_view(src)
         crc = xxhash.xxh3_64_intdigest(view)  # 13x faster than zlib's CRC32 on a 1.6 MB record (0.04 vs 0.46 ms)
-        offset = expert_id * self.record_bytes
+        offset = expert_id * self.stride
+        if self._aligned is not None:
+            memoryview(self._aligned)[: len(view)] = view  # the padding after it stays zero
+            view = memoryview(self._aligned)
         try:
+            start = time.perf_counter()
             _pwrite_full(self._fd, view, offset)
             if self.fsync:
                 _fdatasync(self._fd)
+            self._io["write_seconds"] += time.perf_counter() - start
         except OSError as error:  # the record on disk may be half written: its old checksum will say so on read
             raise OSError(
                 error.errno,
@@ -186,7 +223,7 @@ class DiskStore(ExpertStore):
 
     def _clear_now(self) -> None:
         os.ftruncate(self._fd, 0)  # gives the blocks back; the file stays sparse at its full size
-        os.ftruncate(self._fd, self.num_experts * self.record_bytes)
+        os.ftruncate(self._fd, self.num_experts * self.stride)
         self._crc.clear()
 
     def _staging_buffer(self) -> torch.Tensor:
@@ -199,6 +236,24 @@ class DiskStore(ExpertStore):
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
         return stream
+
+
+def _open_records(path: Path, direct: bool) -> int:
+    """Opens (creating) the record file, with ``O_DIRECT`` when ``direct``; one line when the file system refuses."""
+    flags = os.O_RDWR | os.O_CREAT
+    if direct:
+        if not hasattr(os, "O_DIRECT"):  # pragma: no cover - macOS, Windows
+            raise ValueError("model.store 'direct' needs O_DIRECT (Linux); use store: disk on this platform")
+        flags |= os.O_DIRECT
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as error:
+        if direct and error.errno == errno.EINVAL:
+            raise ValueError(
+                f"model.store 'direct': the file system of {path.parent} does not support O_DIRECT (tmpfs?); "
+                "give model.store_dir on a disk, or use store: disk"
+            ) from None
+        raise
 
 
 def _release_disk_store(worker: ThreadPoolExecutor, fd: int) -> None:
