@@ -22,14 +22,13 @@ from pragnosia_pl.router import Router
 class GlobalMoE(LanguageModel):
     """Standard per-token top-k MoE: every expert resident, one loss backpropagated through everything.
 
-    One AdamW over all parameters (betas (0.9, 0.95), no weight decay on experts), automatic optimization.
+    One AdamW over all parameters (betas (0.9, 0.95), no weight decay), automatic optimization.
     Same backbone, router and experts as ``PragnosiaLM``, from the same ``seed``; an expert without tokens keeps
     its gradient ``None``, so AdamW neither moves it nor decays its state (the lazy Adam of PragnosiaLM's
     experts). ``grad_clip`` clips the shared parameters by their own norm and each expert by its own, as
     ``PragnosiaLM(objective="exact")`` does: with the same seed, data and clipping the two train identically.
 
     Args:
-        vocab_size: token ids (256: bytes).
         d_model: width d.
         n_shared_layers: causal trunk blocks.
         n_heads: attention heads.
@@ -37,11 +36,9 @@ class GlobalMoE(LanguageModel):
         num_active_experts: k, experts per token.
         expert_hidden: hidden width of each FFN expert; default 4·d.
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (shared matrices only).
         balance_coef: α of the load-balancing term.
         router: ``flat`` (standard) or ``product``.
         grad_clip: max norm of the shared gradient and of each expert's (0 disables).
-        max_len: longest sequence the rotary table covers.
         seed: the backbone and router come from ``seed``, expert e from ``(seed, e)``.
 
     Raises:
@@ -54,7 +51,6 @@ class GlobalMoE(LanguageModel):
 
     def __init__(
         self,
-        vocab_size: int = 256,
         d_model: int = 128,
         n_shared_layers: int = 2,
         n_heads: int = 4,
@@ -62,14 +58,12 @@ class GlobalMoE(LanguageModel):
         num_active_experts: int = 2,
         expert_hidden: int | None = None,
         lr: float = 1e-3,
-        weight_decay: float = 0.0,
         balance_coef: float = 0.01,
         router: Literal["flat", "product"] = "flat",
         grad_clip: float = 1.0,
-        max_len: int = 1024,
         seed: int = 0,
     ) -> None:
-        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_experts=num_experts, num_active_experts=num_active_experts, expert_hidden=hidden)
@@ -87,10 +81,6 @@ class GlobalMoE(LanguageModel):
     @override
     def shared_parameters(self) -> list[nn.Parameter]:
         return [*self.backbone.parameters(), *self.router.parameters()]
-
-    @override
-    def undecayed_parameters(self) -> set[int]:
-        return {id(p) for p in self.experts.parameters()}
 
     def _mix(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = tokens.shape
@@ -133,16 +123,13 @@ class DenseLM(LanguageModel):
     """The trunk plus one FFN with the active parameters of k experts (hidden width k · expert_hidden).
 
     Args:
-        vocab_size: token ids (256: bytes).
         d_model: width d.
         n_shared_layers: causal trunk blocks.
         n_heads: attention heads.
         num_active_experts: k of the MoE it is compared with.
         expert_hidden: hidden width of one expert of that MoE; default 4·d.
         lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (matrices only).
         grad_clip: max norm of the gradient (0 disables).
-        max_len: longest sequence the rotary table covers.
         seed: the backbone comes from ``seed`` (as in every model), the FFN from ``(seed, 2)``.
 
     Raises:
@@ -155,19 +142,16 @@ class DenseLM(LanguageModel):
 
     def __init__(
         self,
-        vocab_size: int = 256,
         d_model: int = 128,
         n_shared_layers: int = 2,
         n_heads: int = 4,
         num_active_experts: int = 2,
         expert_hidden: int | None = None,
         lr: float = 1e-3,
-        weight_decay: float = 0.0,
         grad_clip: float = 1.0,
-        max_len: int = 1024,
         seed: int = 0,
     ) -> None:
-        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_active_experts=num_active_experts, expert_hidden=hidden)

@@ -15,6 +15,9 @@ from typing_extensions import override
 
 from pragnosia_pl.model import Backbone
 
+VOCAB_SIZE = 256  # token ids: the data is bytes (``TextDomains`` yields byte ids)
+MAX_LEN = 1024  # positions of the rotary table: the longest sequence (``data.block_size``) any model takes
+
 
 def check_positive(**sizes: int | float) -> None:
     """Raise ``ValueError`` naming the YAML key of the first size that is not positive."""
@@ -35,27 +38,19 @@ def seeded(seed: int, stream: int) -> Iterator[None]:
 class LanguageModel(LightningModule):
     """Base of ``PragnosiaLM``, ``GlobalMoE`` and ``DenseLM``: backbone, shared AdamW, validation metrics.
 
-    The backbone is initialised from ``seed`` (not from the global RNG) and the shared AdamW's gradient is
-    clipped to ``grad_clip`` by its own norm, the same in every model (DESIGN §7).
+    The backbone (:data:`VOCAB_SIZE` byte ids, sequences of at most :data:`MAX_LEN` tokens) is initialised from
+    ``seed`` (not from the global RNG) and the shared AdamW's gradient is clipped to ``grad_clip`` by its own norm,
+    the same in every model (DESIGN §7).
     Subclasses implement ``forward(tokens) -> logits`` (evaluation path) and ``training_step``.
     Validation logs ``val/loss`` and ``val/bpb`` over all tokens and ``val/loss/<domain>``,
     ``val/bpb/<domain>`` per validation dataloader, named by the datamodule's ``val_domain_names``.
     """
 
     def __init__(
-        self,
-        vocab_size: int,
-        d_model: int,
-        n_shared_layers: int,
-        n_heads: int,
-        lr: float,
-        weight_decay: float,
-        max_len: int,
-        seed: int,
-        grad_clip: float,
+        self, d_model: int, n_shared_layers: int, n_heads: int, lr: float, seed: int, grad_clip: float
     ) -> None:
         super().__init__()
-        check_positive(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, lr=lr, max_len=max_len)
+        check_positive(d_model=d_model, n_heads=n_heads, lr=lr)
         if n_shared_layers < 0:
             raise ValueError(f"model.n_shared_layers ({n_shared_layers}) must be ≥ 0")
         if d_model % n_heads:
@@ -63,16 +58,12 @@ class LanguageModel(LightningModule):
         if grad_clip < 0:
             raise ValueError(f"model.grad_clip ({grad_clip}) must be ≥ 0 (0 disables clipping)")
         with seeded(seed, 0):
-            self.backbone = Backbone(vocab_size, d_model, n_shared_layers, n_heads, max_len)
+            self.backbone = Backbone(VOCAB_SIZE, d_model, n_shared_layers, n_heads, MAX_LEN)
         self.val_losses: dict[str, MeanMetric] = {}
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters trained by the shared optimizer."""
         return list(self.parameters())
-
-    def undecayed_parameters(self) -> set[int]:
-        """Ids of matrices the shared AdamW must not decay (``GlobalMoE``'s experts: PragnosiaLM's Adam has none)."""
-        return set()
 
     def clip_shared_gradients(self) -> None:
         """Clip the shared parameters' gradient to ``grad_clip`` by its own norm (no-op at 0)."""
@@ -81,17 +72,12 @@ class LanguageModel(LightningModule):
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        undecayed = self.undecayed_parameters()
-        decay = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in undecayed]
-        no_decay = [p for p in self.parameters() if p.dim() < 2 or id(p) in undecayed]
-        groups = [
-            {"params": decay, "weight_decay": self.hparams.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        # No weight decay: no measurement ever used any (AdamW's default would be 0.01).
+        options = dict(lr=self.hparams.lr, betas=(0.9, 0.95), weight_decay=0.0)
         try:  # the fused kernel (CPU and CUDA since torch 2.4), as the experts' flat Adam uses
-            return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95), fused=True)
+            return torch.optim.AdamW(self.parameters(), **options, fused=True)
         except (RuntimeError, ValueError):
-            return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=(0.9, 0.95))
+            return torch.optim.AdamW(self.parameters(), **options)
 
     def val_domain_name(self, dataloader_idx: int) -> str:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -128,12 +114,13 @@ class LanguageModel(LightningModule):
 
     @torch.no_grad()
     def generate(self, prompt: bytes, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0) -> bytes:
-        """Sample ``max_new_tokens`` bytes after ``prompt`` (constant memory: experts stream through the slots)."""
+        """Sample ``max_new_tokens`` bytes after ``prompt`` (constant memory: experts stream through the slots); each
+        byte is predicted from the last :data:`MAX_LEN` bytes at most."""
         check_positive(max_new_tokens=max_new_tokens, temperature=temperature)
         tokens = torch.tensor(list(prompt) or [10], dtype=torch.long, device=self.device)[None]  # (1, T)
         start = tokens.size(1)
         for _ in range(max_new_tokens):
-            logits = self(tokens[:, -self.hparams.max_len :])[0, -1] / temperature  # (V,)
+            logits = self(tokens[:, -MAX_LEN:])[0, -1] / temperature  # (V,)
             if top_k:
                 logits[logits < logits.topk(top_k).values[-1]] = -math.inf
             next_token = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (1,)

@@ -15,7 +15,7 @@ from torch import nn
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE) applied to queries and keys."""
 
-    def __init__(self, head_dim: int, max_len: int = 4096, base: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (Tmax, hd/2)
@@ -24,8 +24,6 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.size(-2)
-        if T > self.cos.size(0):
-            raise ValueError(f"sequence length {T} exceeds the rotary table ({self.cos.size(0)})")
         cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)  # (T, hd/2)
         x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, h, T, hd/2)
         rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, h, T, hd/2, 2)
@@ -94,10 +92,14 @@ class Backbone(nn.Module):
         n_layers: number of causal trunk blocks.
         n_heads: attention heads per block; must divide ``d_model``.
         max_len: longest sequence the rotary table covers.
+
+    Raises:
+        ValueError: (from :meth:`trunk`) on a sequence longer than ``max_len``.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_len: int = 4096) -> None:
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_len: int) -> None:
         super().__init__()
+        self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, max_len) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
@@ -107,6 +109,11 @@ class Backbone(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * max(n_layers, 1)))
 
     def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.size(1) > self.max_len:
+            raise ValueError(
+                f"a sequence of {tokens.size(1)} tokens exceeds the {self.max_len} positions of the model's rotary "
+                f"table: data.block_size must be ≤ {self.max_len}"
+            )
         h = self.embed(tokens)  # (B, T, d)
         for block in self.blocks:
             h = block(h)

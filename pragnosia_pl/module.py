@@ -48,7 +48,6 @@ class PragnosiaLM(LanguageModel):
       with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``). Two store reads per touched expert.
 
     Args:
-        vocab_size: token ids (256: bytes).
         d_model: width d.
         n_shared_layers: causal trunk blocks.
         n_heads: attention heads.
@@ -72,13 +71,11 @@ class PragnosiaLM(LanguageModel):
         expert_optimizer: ``sgd`` or ``adam`` (betas (0.9, 0.95), the shared AdamW's); its state lives in the
             expert's record. Untouched experts are not stepped and their state does not decay (lazy).
         local_lr: learning rate of the expert optimizer.
-        lr: learning rate of the shared AdamW.
-        weight_decay: shared AdamW weight decay (matrices only).
+        lr: learning rate of the shared AdamW (no weight decay).
         balance_coef: α of the load-balancing term.
         router: ``product`` (product keys, memory flat in n) or ``flat`` (one logit per expert).
         grad_clip: max norm of the shared gradient, clipped by its own norm, and (``exact``) of each expert's
             (0 disables).
-        max_len: longest sequence the rotary table covers.
         seed: the backbone and router come from ``seed`` and expert e from ``(seed, e)``, as in the baselines.
         consolidation: what the model keeps when the training domain changes
             (:class:`~pragnosia_pl.consolidation.ConsolidationConfig`: protected experts per domain, a per-domain
@@ -100,7 +97,6 @@ class PragnosiaLM(LanguageModel):
 
     def __init__(
         self,
-        vocab_size: int = 256,
         d_model: int = 128,
         n_shared_layers: int = 2,
         n_heads: int = 4,
@@ -117,16 +113,14 @@ class PragnosiaLM(LanguageModel):
         expert_optimizer: Literal["sgd", "adam"] = "sgd",
         local_lr: float = 0.01,
         lr: float = 1e-3,
-        weight_decay: float = 0.0,
         balance_coef: float = 0.01,
         router: Literal["product", "flat"] = "product",
         grad_clip: float = 1.0,
-        max_len: int = 1024,
         seed: int = 0,
         consolidation: ConsolidationConfig | dict[str, Any] | None = None,
         max_nonfinite: int | None = 20,
     ) -> None:
-        super().__init__(vocab_size, d_model, n_shared_layers, n_heads, lr, weight_decay, max_len, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
         self.save_hyperparameters()
         self.expert_slots = expert_slots
         self.expert_hidden = 4 * d_model if expert_hidden is None else expert_hidden

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the benchmarks (scripts/bench/) are importable as `bench`, as the scripts import them
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-TINY = dict(d_model=16, n_shared_layers=1, n_heads=2, max_len=64)
+TINY = dict(d_model=16, n_shared_layers=1, n_heads=2)
 
 
 @pytest.fixture

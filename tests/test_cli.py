@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from pragnosia_pl.cli import main, run_cli
+from pragnosia_pl.lm_base import MAX_LEN
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 TINY_RUN = [
-    "--model.d_model", "16", "--model.n_shared_layers", "1", "--model.n_heads", "2", "--model.max_len", "64",
+    "--model.d_model", "16", "--model.n_shared_layers", "1", "--model.n_heads", "2",
     "--model.num_experts", "4", "--data.block_size", "32", "--data.batch_size", "4",
     "--data.max_bytes_per_domain", "20000", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
     "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
@@ -120,3 +121,11 @@ def test_bad_yaml_value_is_one_line_naming_the_key(tmp_path, capsys):
 def test_unwritable_store_dir_is_one_line_before_any_work(capsys):
     err = pragnosia_error(capsys, *TINY_RUN, "--model.store_dir", "/proc/nope")
     assert err.startswith("pragnosia: error: model.store_dir") and err.count("\n") == 1, err
+
+
+def test_a_block_longer_than_the_rotary_table_is_one_line_naming_data_block_size(capsys):
+    err = pragnosia_error(capsys, *TINY_RUN, "--data.block_size", str(MAX_LEN + 1))
+    assert err == (
+        f"pragnosia: error: a sequence of {MAX_LEN + 1} tokens exceeds the {MAX_LEN} positions of the model's "
+        f"rotary table: data.block_size must be ≤ {MAX_LEN}\n"
+    )

@@ -17,7 +17,7 @@ from conftest import cpu_trainer, expert_records, token_loader
 
 from pragnosia_pl import GlobalMoE, PragnosiaLM
 
-SHAPE = dict(d_model=16, n_shared_layers=1, n_heads=2, max_len=64, num_experts=12, num_active_experts=2, seed=3)
+SHAPE = dict(d_model=16, n_shared_layers=1, n_heads=2, num_experts=12, num_active_experts=2, seed=3)
 
 
 def exact_model(tmp_path, store: str, cache: int, **kwargs) -> PragnosiaLM:

@@ -176,7 +176,6 @@ def write_config(corpus: Path, root: Path, run: str, **trainer) -> Path:
                 d_model=16,
                 n_shared_layers=1,
                 n_heads=2,
-                max_len=64,
                 num_experts=8,
                 num_active_experts=2,
                 expert_slots=2,

@@ -190,3 +190,12 @@ def test_bad_configuration_names_the_key(kwargs, message):
     options.update(kwargs)
     with pytest.raises(ValueError, match=message):
         PragnosiaLM(**options)
+
+
+@pytest.mark.parametrize("model_class", [PragnosiaLM, GlobalMoE, DenseLM])
+def test_the_shared_adamw_does_not_decay(tiny, model_class):
+    model = model_class(**tiny, num_active_experts=2)
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)  # whose default weight decay is 0.01
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0]
+    assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters()))

@@ -21,7 +21,6 @@ def test_short_real_text_run_lowers_val_bpb(tmp_path):
         num_active_experts=2,
         local_lr=0.05,
         lr=3e-3,
-        max_len=64,
         store="disk",
         store_dir=str(tmp_path / "store"),
     )

@@ -201,7 +201,6 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
         n_heads=config.n_heads,
         num_active_experts=config.num_active_experts,
         lr=config.lr,
-        max_len=config.block_size,
         seed=config.seed,
     )
     if plan.kind == "dense":

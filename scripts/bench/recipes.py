@@ -9,7 +9,7 @@ from bench.engine import CONFIGS, model_options
 # What a benchmark itself sets in every model: the shape its contenders are compared at, the seed, and where the
 # experts live. Every other PragnosiaLM option of a benchmark's recipe comes from a shipped config.
 BENCHMARK_KEYS = frozenset(
-    {"d_model", "n_shared_layers", "n_heads", "num_experts", "num_active_experts", "lr", "max_len", "seed"}
+    {"d_model", "n_shared_layers", "n_heads", "num_experts", "num_active_experts", "lr", "seed"}
     | {"store", "store_dir"}
 )
 

@@ -152,7 +152,6 @@ def build_model(config: ThroughputConfig, contender: Contender, root: str):
         n_heads=config.n_heads,
         num_experts=contender.num_experts,
         num_active_experts=config.num_active_experts,
-        max_len=config.block_size,
     )
     if contender.store is None:
         return GlobalMoE(**common)
