@@ -27,9 +27,11 @@ from pragnosia_pl.residency import ExpertResidency, StoreKind
 from pragnosia_pl.router import ExpertGroups, Router
 from pragnosia_pl.store import STORE_KINDS, ExpertStore
 
+MAX_NONFINITE = 20  # consecutive steps with a skipped (NaN/inf) update before training stops
+
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped: ``model.max_nonfinite`` consecutive steps had a non-finite loss or gradient."""
+    """Training stopped: :data:`MAX_NONFINITE` consecutive steps had a non-finite loss or gradient."""
 
 
 class PragnosiaLM(LanguageModel):
@@ -80,12 +82,13 @@ class PragnosiaLM(LanguageModel):
         consolidation: what the model keeps when the training domain changes
             (:class:`~pragnosia_pl.consolidation.ConsolidationConfig`: protected experts per domain, a per-domain
             copy or a slowed/frozen lr of the shared parts, novelty detection); default: nothing.
-        max_nonfinite: a step whose loss or gradient is NaN/inf skips that update (an expert's record is not
-            written, the shared parameters keep their values); after this many consecutive such steps training
-            stops with :class:`NonFiniteLossError`. ``None``: never stop.
+
+    A step whose loss or gradient is NaN/inf skips that update (an expert's record is not written, the shared
+    parameters keep their values); after :data:`MAX_NONFINITE` consecutive such steps training stops.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
+        NonFiniteLossError: (in training) :data:`MAX_NONFINITE` consecutive steps skipped an update.
 
     Example::
 
@@ -118,7 +121,6 @@ class PragnosiaLM(LanguageModel):
         grad_clip: float = 1.0,
         seed: int = 0,
         consolidation: ConsolidationConfig | dict[str, Any] | None = None,
-        max_nonfinite: int | None = 20,
     ) -> None:
         super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
         self.save_hyperparameters()
@@ -144,8 +146,6 @@ class PragnosiaLM(LanguageModel):
             raise ValueError(f"model.micro_batch ({micro_batch}) must be ≥ 1 or null (the whole batch)")
         if store not in STORE_KINDS:
             raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORE_KINDS)}")
-        if max_nonfinite is not None and max_nonfinite < 1:
-            raise ValueError(f"model.max_nonfinite ({max_nonfinite}) must be ≥ 1 or null (never stop)")
         self.automatic_optimization = False
         with seeded(seed, 1):
             self.router = Router(d_model, num_experts, num_active_experts, router=router)
@@ -376,14 +376,13 @@ class PragnosiaLM(LanguageModel):
             self._nonfinite_streak = 0
             return
         self._nonfinite_streak += 1
-        limit = self.hparams.max_nonfinite
-        if limit is not None and self._nonfinite_streak >= limit:
+        if self._nonfinite_streak >= MAX_NONFINITE:
             what = [f"the updates of experts {skipped_experts}"] if skipped_experts else []
             what += [] if shared_updated else ["the shared update"]
             raise NonFiniteLossError(
                 f"training stopped at step {self.global_step}: {self._nonfinite_streak} consecutive steps had a "
-                f"NaN/inf loss or gradient (model.max_nonfinite = {limit}); the last one skipped {' and '.join(what)}. "
-                "Lower model.lr or model.local_lr, check the data, or raise model.max_nonfinite"
+                f"NaN/inf loss or gradient; the last one skipped {' and '.join(what)}. Lower model.lr or "
+                "model.local_lr, or check the data"
             )
 
     @override
