@@ -1,0 +1,68 @@
+"""Train an expert store larger than the machine's RAM from the disk, and measure it (issue 16).
+
+    python scripts/bench_beyond_ram.py                    # 2,816 experts × 12.6 MB = 33.1 GiB (needs ~45 GB free)
+    python scripts/bench_beyond_ram.py --quick --out /tmp/beyond_ram   # seconds (what the test runs)
+
+Writes OUT/beyond_ram.json and OUT/README.md (from the JSON); the store goes to --store-dir (default OUT/store) and
+is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench.beyond_ram import BeyondRamConfig, run  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, help="number of experts (default 2816)")
+    parser.add_argument("--expert-hidden", type=int, help="expert width (default 4096)")
+    parser.add_argument("--steps", type=int, help="training steps (default 60)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
+    parser.add_argument("--objective", choices=["exact", "local"])
+    parser.add_argument("--store-dir", help="where the store and the disk probe go (default OUT/store)")
+    parser.add_argument("--probe-gib", type=float, help="size of the disk-speed probe file (default 8)")
+    parser.add_argument("--keep-store", action="store_true", help="do not delete the store at the end")
+    parser.add_argument("--out", type=Path, help="default scripts/results/beyond_ram (quick: required)")
+    parser.add_argument("--quick", action="store_true", help="a tiny store, 3 steps (for tests)")
+    args = parser.parse_args(argv)
+    if args.quick and args.out is None:
+        parser.error("--quick needs --out (it would overwrite the real results)")
+    changes = {
+        key: value
+        for key, value in dict(
+            num_experts=args.experts,
+            expert_hidden=args.expert_hidden,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            objective=args.objective,
+            store_dir=args.store_dir,
+            probe_bytes=None if args.probe_gib is None else int(args.probe_gib * 2**30),
+            keep_store=args.keep_store or None,
+        ).items()
+        if value is not None
+    }
+    config = BeyondRamConfig.quick(**changes) if args.quick else BeyondRamConfig(**changes)
+    out = args.out or Path(__file__).resolve().parent / "results" / "beyond_ram"
+    store_dir = Path(config.store_dir) if config.store_dir else out / "store"
+    needed = config.num_experts * (3 * (2 * config.d_model * config.expert_hidden + config.expert_hidden))
+    needed = needed * 4 + config.probe_bytes
+    store_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(store_dir).free
+    if free < needed * 1.1:
+        parser.error(
+            f"{store_dir} has {free / 1e9:.1f} GB free; the store and the probe need about {needed / 1e9:.1f} GB"
+        )
+    run(config, out, command=shlex.join(["python", "scripts/bench_beyond_ram.py", *argv]))
+
+
+if __name__ == "__main__":
+    main()
