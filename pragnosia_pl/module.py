@@ -67,9 +67,9 @@ class PragnosiaLM(LanguageModel):
         store: where experts live off the device: ``device`` (all resident, for comparison), ``host``, ``disk``
             (a file read through the page cache) or ``direct`` (the same file read and written with ``O_DIRECT``,
             bypassing the page cache: for stores larger than RAM).
-        store_dir: disk-store and snapshot location; default ``<log_dir>/expert_store``.
-        keep_snapshots: store snapshots (one per checkpoint) to keep, plus the previous one while a checkpoint is
-            being written (so a crash never leaves the last checkpoint without its experts); ``None`` keeps all.
+        store_dir: disk-store and snapshot location; default ``<log_dir>/expert_store``. Each checkpoint names a
+            snapshot of the store; a snapshot is removed with the last checkpoint that names it
+            (:class:`~pragnosia_pl.checkpoint_io.AtomicCheckpointIO`, which ``pragnosia fit`` installs).
         expert_optimizer: ``sgd`` or ``adam`` (betas (0.9, 0.95), the shared AdamW's); its state lives in the
             expert's record. Untouched experts are not stepped and their state does not decay (lazy).
         local_lr: learning rate of the expert optimizer.
@@ -112,7 +112,6 @@ class PragnosiaLM(LanguageModel):
         expert_hidden: int | None = None,
         store: StoreKind = "host",
         store_dir: str | None = None,
-        keep_snapshots: int | None = None,
         expert_optimizer: Literal["sgd", "adam"] = "sgd",
         local_lr: float = 0.01,
         lr: float = 1e-3,
@@ -162,7 +161,6 @@ class PragnosiaLM(LanguageModel):
             self.layout.init_record,
             capacity=expert_cache,
             store_dir=store_dir,
-            keep_snapshots=keep_snapshots,
             default_root=self._log_root,
             checkpoint_path=lambda: self.checkpoint_file,
         )
@@ -494,10 +492,6 @@ class PragnosiaLM(LanguageModel):
         if self.checkpoint_file is None and self._trainer is not None:
             self.checkpoint_file = self.trainer.ckpt_path
         self.residency.load(checkpoint.get("expert_store"))  # the store snapshot, restored now or on first use
-
-    @override
-    def on_fit_end(self) -> None:
-        self.residency.prune(self.residency.root() / "snapshots")  # root(): on every rank (a collective)
 
     @override
     def teardown(self, stage: str) -> None:

@@ -26,7 +26,9 @@ class ExpertResidency:
 
     The store and cache are built on first use (:meth:`cache`), on the device asked for. Each process works on a
     live copy of the store of its own (scratch space, removed when the object is collected); every checkpoint
-    gets a snapshot of it (:meth:`save`), and loading a checkpoint restores that snapshot on first use.
+    gets a snapshot of it (:meth:`save`), and loading a checkpoint restores that snapshot on first use. A snapshot
+    is removed with the last checkpoint that names it, by the checkpoint IO
+    (:class:`~pragnosia_pl.checkpoint_io.AtomicCheckpointIO`, which ``pragnosia fit`` installs).
 
     Args:
         kind: ``device`` (all resident, for comparison), ``host`` or ``disk`` (``model.store``).
@@ -35,18 +37,17 @@ class ExpertResidency:
         init_record: fills an expert's initial record from its id (lazy materialisation).
         capacity: device slots (``model.expert_cache``).
         store_dir: where the live store and the snapshots go (``model.store_dir``); ``None``: ``default_root()``.
-        keep_snapshots: snapshots of this run to keep (``None``: all).
         default_root: the folder to use without ``store_dir`` (the module passes its run's log directory).
         checkpoint_path: the checkpoint being resumed or loaded, if any (a moved run folder's snapshot is looked
             for near it).
 
     Raises:
-        ValueError: ``store_dir`` cannot be created, or ``keep_snapshots`` below 1.
+        ValueError: ``store_dir`` cannot be created.
 
     Example::
 
         residency = ExpertResidency("disk", 1024, layout.record_numel, layout.init_record, capacity=8,
-                                    store_dir="/tmp/experts", keep_snapshots=2, default_root=Path.cwd)
+                                    store_dir="/tmp/experts", default_root=Path.cwd)
         cache = residency.cache(torch.device("cpu"))
         for expert_id, record in cache.stream([3, 5, 9]):
             ...
@@ -60,12 +61,9 @@ class ExpertResidency:
         init_record: Callable[[int, torch.Tensor], None],
         capacity: int,
         store_dir: str | None,
-        keep_snapshots: int | None,
         default_root: Callable[[], Path],
         checkpoint_path: Callable[[], str | None] = lambda: None,
     ) -> None:
-        if keep_snapshots is not None and keep_snapshots < 1:
-            raise ValueError(f"model.keep_snapshots ({keep_snapshots}) must be ≥ 1 or null (keep all)")
         if store_dir is not None:
             _check_creatable(Path(store_dir))
         self.kind = kind
@@ -74,7 +72,6 @@ class ExpertResidency:
         self.init_record = init_record
         self.capacity = capacity
         self.store_dir = store_dir
-        self.keep_snapshots = keep_snapshots
         self.default_root = default_root
         self.checkpoint_path = checkpoint_path
         self.run_id = secrets.token_hex(4)  # the module broadcasts rank 0's at setup
@@ -136,13 +133,8 @@ class ExpertResidency:
         snapshots = self.root() / "snapshots"
         writes = int(self._store.stats()["writes"])  # two saves at one step share a snapshot only if nothing changed
         directory = snapshots / f"{self.run_id}-step-{global_step:09d}-w{writes}"
-        if rank() == 0:
-            # Prune before this snapshot, sparing the newest `keep` others: the checkpoint file that points at the
-            # newest of them stays resumable until this checkpoint is safely on disk (a crash or full disk may stop
-            # us before that). prune() at the end of fit brings it down to `keep`.
-            self.prune(snapshots, spare=directory)
-            if not directory.exists():  # replicas are identical: rank 0's stands for all
-                self._store.snapshot(directory)
+        if rank() == 0 and not directory.exists():  # replicas are identical: rank 0's stands for all
+            self._store.snapshot(directory)
         return {
             "snapshot": str(directory.resolve()),
             "num_experts": self.num_experts,
@@ -163,15 +155,6 @@ class ExpertResidency:
         if self._cache is not None:
             self._restore(self._pending_snapshot)
         rank_zero_info(f"expert store: restoring from {entry['snapshot']}")
-
-    def prune(self, snapshots: Path, spare: Path | None = None) -> None:
-        """Removes this run's snapshots in ``snapshots`` but the newest ``keep_snapshots`` (and ``spare``); none
-        with ``None``. Rank 0 only (``root()`` is a collective under DDP: callers compute it on every rank)."""
-        if self.keep_snapshots is None or rank() != 0:
-            return
-        ours = sorted(p for p in snapshots.glob(f"{self.run_id}-step-*") if p != spare)
-        for old in ours[: -self.keep_snapshots]:
-            _remove_tree(old)
 
     def root(self) -> Path:
         if self.store_dir is not None:
@@ -212,7 +195,7 @@ class ExpertResidency:
         raise FileNotFoundError(
             f"the checkpoint's expert-store snapshot {snapshot} is missing (also looked for {recorded.name} in "
             "model.store_dir and next to the checkpoint file): the checkpoint holds only the shared parameters; "
-            "keep its store_dir (or raise model.keep_snapshots)"
+            "keep its store_dir"
         )
 
     def _restore(self, snapshot: str) -> None:
@@ -243,7 +226,7 @@ def _check_creatable(directory: Path) -> None:
                 folder.rmdir()
 
 
-def _remove_tree(path: Path) -> None:
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
+def snapshot_named_by(checkpoint: dict[str, Any]) -> str | None:
+    """The store snapshot a checkpoint's ``expert_store`` entry names (:meth:`ExpertResidency.save`), if any."""
+    entry = checkpoint.get("expert_store")
+    return entry.get("snapshot") if isinstance(entry, dict) else None

@@ -95,7 +95,7 @@ def pragnosia_error(capsys, *args: str) -> str:
         (["--model.num_experts", "0"], "model.num_experts (0) must be > 0"),
         (
             ["--model.store", "nope"],
-            "model.store: Expected a typing.Literal['device', 'host', 'disk']. Got value: nope",
+            "model.store: Expected a typing.Literal['device', 'host', 'disk', 'direct']. Got value: nope",
         ),
         (["--data.batch_size", "0"], "data.batch_size (0) must be ≥ 1"),
         (["--data.nope", "1"], "data.nope: Option 'nope' is not accepted"),

@@ -465,8 +465,6 @@ def test_disk_full_during_a_snapshot_keeps_the_last_checkpoint(trained, capsys, 
         "15",
         "--ckpt_path",
         "last",
-        "--model.init_args.keep_snapshots",
-        "1",
     )
     monkeypatch.undo()
     assert code == 2 and "Traceback" not in err
@@ -479,29 +477,51 @@ def test_disk_full_during_a_snapshot_keeps_the_last_checkpoint(trained, capsys, 
     assert code == 0, err[-3000:]
 
 
-def test_keep_snapshots_spares_the_last_checkpoints_snapshot_until_the_next_is_written(tiny, tmp_path, monkeypatch):
+def test_a_checkpoints_snapshot_stays_until_the_next_checkpoint_is_written(tiny, tmp_path, monkeypatch):
+    """ModelCheckpoint keeps the newest checkpoint and last.ckpt, both at the newest step: while a checkpoint file is
+    written, the checkpoints on disk all still have their snapshots, and at the end only the newest one is left."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    saved = []  # the snapshot of every checkpoint file written, in order
     real_save = AtomicCheckpointIO.save_checkpoint
+    named = []  # the snapshot of every checkpoint file written, in order
 
     def save(self, checkpoint, path, storage_options=None):
-        if saved:  # a crash or a full disk now must leave the previous checkpoint resumable
-            assert Path(saved[-1]).is_dir(), "the previous checkpoint's snapshot was pruned before this one was written"
+        for on_disk in (tmp_path / "ckpt").glob("*.ckpt"):  # a crash or a full disk now must leave them resumable
+            assert snapshot_of(on_disk).is_dir(), f"{on_disk.name}'s snapshot was removed before {path} was written"
         real_save(self, checkpoint, path, storage_options)
-        saved.append(checkpoint["expert_store"]["snapshot"])
+        named.append(checkpoint["expert_store"]["snapshot"])
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
-    model = PragnosiaLM(
-        **tiny, num_experts=4, num_active_experts=2, store="host", store_dir=str(tmp_path / "store"), keep_snapshots=1
-    )
-    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    model = PragnosiaLM(**tiny, num_experts=4, num_active_experts=2, store="host", store_dir=str(tmp_path / "store"))
+    newest = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1, save_last=True)
     trainer = cpu_trainer(
-        tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[every_step], plugins=[AtomicCheckpointIO()]
+        tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[newest], plugins=[AtomicCheckpointIO()]
     )
     trainer.fit(model, train_dataloaders=token_loader(3))
-    assert len(set(saved)) == 3
-    assert [p.name for p in (tmp_path / "store" / "snapshots").iterdir()] == [Path(saved[-1]).name]
+    assert len(named) == 6 and len(set(named)) == 3  # each step: its checkpoint, then last.ckpt
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+    snapshots = tmp_path / "store" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == [Path(named[-1]).name, f"{Path(named[-1]).name}.checkpoints"]
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_snapshot_behind(tiny, tmp_path, monkeypatch):
+    model = PragnosiaLM(**tiny, num_experts=4, num_active_experts=2, store="host", store_dir=str(tmp_path / "store"))
+    trainer = cpu_trainer(tmp_path, max_steps=1, plugins=[AtomicCheckpointIO()])
+    trainer.fit(model, train_dataloaders=token_loader(1))
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    model.store.write(1, torch.zeros(model.store.record_numel))  # the next checkpoint needs a snapshot of its own
+
+    def full_for_two(file, *args, **kwargs):  # the disk fills up while two.ckpt is written
+        if ".two.ckpt." in str(file):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_io_module, "open", full_for_two, raising=False)
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*two\.ckpt: No space left on device"):
+        trainer.save_checkpoint(tmp_path / "two.ckpt")
+    monkeypatch.undo()
+    snapshots = [p for p in (tmp_path / "store" / "snapshots").iterdir() if p.is_dir()]
+    assert snapshots == [snapshot_of(tmp_path / "one.ckpt")]
 
 
 # ------------------------------------------------------------------------------------------------ non-finite

@@ -179,7 +179,6 @@ def test_evaluation_is_causal(tiny):
         (dict(expert_optimizer="lion"), r"model.expert_optimizer \('lion'\) must be one of: sgd, adam"),
         (dict(router="hash"), r"model.router \('hash'\) must be one of: product, flat"),
         (dict(d_model=18, n_heads=4), r"model.d_model \(18\) must be divisible by model.n_heads \(4\)"),
-        (dict(keep_snapshots=0), r"model.keep_snapshots \(0\) must be ≥ 1"),
         (dict(micro_batch=0), r"model.micro_batch \(0\) must be ≥ 1 or null"),
         (dict(grad_clip=-1.0), r"model.grad_clip \(-1.0\) must be ≥ 0"),
         (dict(store="disk", store_dir="/proc/nope"), r"model.store_dir \(/proc/nope\) cannot be created"),

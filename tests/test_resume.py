@@ -1,10 +1,14 @@
 """DESIGN §4.6: resuming from a checkpoint continues exactly as if uninterrupted (CPU: bit-identical)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import cpu_trainer, expert_records, token_loader
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from pragnosia_pl import PragnosiaLM
+from pragnosia_pl.checkpoint_io import AtomicCheckpointIO
 
 
 def make(tiny, tmp_path, name, store, **kwargs):
@@ -63,16 +67,43 @@ def test_missing_snapshot_is_reported(tiny, tmp_path):
         PragnosiaLM.load_from_checkpoint(tmp_path / "one.ckpt", store_dir=str(tmp_path / "other")).experts()
 
 
-def test_keep_snapshots_prunes_old_ones(tiny, tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def snapshot_of(checkpoint: Path) -> str:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["expert_store"]["snapshot"]
 
-    model = make(tiny, tmp_path, "run", "host", keep_snapshots=2)
-    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
-    trainer = cpu_trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[every_step])
-    trainer.fit(model, train_dataloaders=token_loader(4))
-    snapshots = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
-    assert len(list((tmp_path / "ckpt").iterdir())) == 4
-    assert len(snapshots) == 2 and "step-000000004" in snapshots[-1]
+
+def test_snapshots_live_as_long_as_the_checkpoints_that_name_them(tiny, tmp_path):
+    """ModelCheckpoint keeps the 2 newest checkpoints and last.ckpt: only their snapshots remain; a checkpoint
+    saved by hand elsewhere keeps its own, also when the run's checkpoints at that step are gone."""
+    model = make(tiny, tmp_path, "run", "host")
+    newest = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1, save_top_k=2, monitor="step", mode="max")
+    newest.save_last = True
+    trainer = cpu_trainer(
+        tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[newest], plugins=[AtomicCheckpointIO()]
+    )
+    trainer.fit(model, train_dataloaders=token_loader(5))
+    trainer.save_checkpoint(tmp_path / "by_hand.ckpt")  # step 3, the snapshot of the run's newest checkpoint
+    trainer = cpu_trainer(
+        tmp_path, max_steps=5, enable_checkpointing=True, callbacks=[newest], plugins=[AtomicCheckpointIO()]
+    )
+    trainer.fit(model, train_dataloaders=token_loader(5), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+    kept = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert kept == ["epoch=0-step=4.ckpt", "epoch=0-step=5.ckpt", "last.ckpt"]
+    named = {snapshot_of(tmp_path / "ckpt" / name) for name in kept} | {snapshot_of(tmp_path / "by_hand.ckpt")}
+    snapshots = {str(p.resolve()) for p in (tmp_path / "run" / "snapshots").iterdir() if p.is_dir()}
+    assert snapshots == named and len(named) == 3  # steps 4 and 5 (last.ckpt's too), and step 3's by hand
+    holders = {p.name for p in (tmp_path / "run" / "snapshots").iterdir() if not p.is_dir()}
+    assert holders == {f"{Path(snapshot).name}.checkpoints" for snapshot in named}
+    resumed = make(tiny, tmp_path, "other", "host")
+    cpu_trainer(tmp_path, max_steps=6).fit(resumed, token_loader(6), ckpt_path=tmp_path / "by_hand.ckpt")
+
+
+def test_without_the_atomic_checkpoint_io_every_snapshot_is_kept(tiny, tmp_path):
+    model = make(tiny, tmp_path, "run", "host")
+    latest = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1, save_top_k=1)
+    trainer = cpu_trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[latest])
+    trainer.fit(model, train_dataloaders=token_loader(3))
+    assert len(list((tmp_path / "ckpt").iterdir())) == 1 and len(list((tmp_path / "run" / "snapshots").iterdir())) == 3
 
 
 def test_snapshot_follows_the_store_within_a_step(tiny, tmp_path):
