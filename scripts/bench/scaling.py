@@ -202,8 +202,8 @@ def build_model(config: ScalingConfig, plan: RunPlan, store_dir: str):
 
     recipe = config.recipe()
     shared_keys = ("d_model", "n_shared_layers", "n_heads", "num_active_experts", "expert_hidden", "lr")
-    common = {k: recipe[k] for k in (*shared_keys, "weight_decay", "grad_clip") if k in recipe}
-    common.update(max_len=config.block_size, seed=config.seed)
+    common = {k: recipe[k] for k in (*shared_keys, "grad_clip") if k in recipe}
+    common.update(seed=config.seed)
     if plan.model == "dense":
         return DenseLM(**common)
     moe = {k: recipe[k] for k in ("router", "balance_coef") if k in recipe}
