@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
 
-from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
+from pragnosia_pl.consolidation import Consolidation
 from pragnosia_pl.distributed import expert_group, sum_across_ranks, world_size
 from pragnosia_pl.expert_cache import ExpertCache
 from pragnosia_pl.expert_rule import ExpertRule, Objective, ThroughExperts
@@ -79,9 +78,11 @@ class PragnosiaLM(LanguageModel):
         grad_clip: max norm of the shared gradient, clipped by its own norm, and (``exact``) of each expert's
             (0 disables).
         seed: the backbone and router come from ``seed`` and expert e from ``(seed, e)``, as in the baselines.
-        consolidation: what the model keeps when the training domain changes
-            (:class:`~pragnosia_pl.consolidation.ConsolidationConfig`: protected experts per domain, a per-domain
-            copy or a slowed/frozen lr of the shared parts, novelty detection); default: nothing.
+        experts_per_domain: m, for continual learning (:mod:`~pragnosia_pl.consolidation`): each training domain
+            trains m experts of its own, which no later domain touches, and keeps a copy of the shared parts as they
+            were at its end; evaluation averages the domains' models by their posterior given the prefix. Domain
+            switches come from ``on_domain_switch`` (``callbacks.DomainSwitcher`` calls it). ``None``: one set of
+            experts and shared parts for all data (DESIGN §3 as written).
 
     A step whose loss or gradient is NaN/inf skips that update (an expert's record is not written, the shared
     parameters keep their values); after :data:`MAX_NONFINITE` consecutive such steps training stops.
@@ -119,7 +120,7 @@ class PragnosiaLM(LanguageModel):
         router: Literal["product", "flat"] = "product",
         grad_clip: float = 1.0,
         seed: int = 0,
-        consolidation: ConsolidationConfig | dict[str, Any] | None = None,
+        experts_per_domain: int | None = None,
     ) -> None:
         super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
         self.save_hyperparameters()
@@ -148,10 +149,9 @@ class PragnosiaLM(LanguageModel):
         self.automatic_optimization = False
         with seeded(seed, 1):
             self.router = Router(d_model, num_experts, num_active_experts, router=router)
-        self.consolidation = Consolidation(
-            ConsolidationConfig.of(consolidation), num_experts, num_active_experts, expert_slots or num_experts
+        self.consolidation = (
+            None if experts_per_domain is None else Consolidation(experts_per_domain, num_experts, num_active_experts)
         )
-        self.hparams["consolidation"] = asdict(self.consolidation.config)  # plain types: weights-only checkpoints
         self.layout = ExpertLayout(self.build_expert, make_expert_optimizer(expert_optimizer, local_lr), seed)
         self.rule = ExpertRule(objective, self.layout, self.layout.optimizer, grad_clip, self.local_loss)
         self.residency = ExpertResidency(
@@ -208,9 +208,7 @@ class PragnosiaLM(LanguageModel):
 
         # 1. trunk and routing: every token to its top-k experts, grouped by expert in id order
         h = self._trunk(tokens)  # (N, d)
-        if exact and not h.requires_grad:  # shared parts frozen (consolidation): the experts still need dL/dz
-            h = h.detach().requires_grad_(True)
-        groups, balance_loss = self._route(h, targets)
+        groups, balance_loss = self._route(h)
         h_in = h.detach()  # the experts never see the trunk's graph
         # exact: the first pass keeps each expert's graph for the second unless micro_batch asks to bound the
         # activations, which then run the expert's forward again (the whole batch's trunk graph, kept without
@@ -230,8 +228,7 @@ class PragnosiaLM(LanguageModel):
 
         # 5. backward (head, router, experts' second pass, trunk) and the shared update
         optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # not when consolidation froze every shared parameter (local)
-            self.manual_backward(loss)
+        self.manual_backward(loss)
         shared_updated = self._shared_update_is_finite(loss)
         if not shared_updated:
             # Still step: Lightning counts optimizer steps as global steps (one per batch), and AdamW leaves every
@@ -261,10 +258,10 @@ class PragnosiaLM(LanguageModel):
         parts = [checkpoint(self.backbone.trunk, part, use_reentrant=False) for part in tokens.split(micro_batch)]
         return torch.cat(parts).flatten(0, 1)  # (N, d)
 
-    def _route(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[ExpertGroups, torch.Tensor]:
-        if self.consolidation.enabled:
-            self._observe_domain(h, targets)
-        candidates = self.consolidation.training_candidates(h, self.router, reduce=sum_across_ranks)  # (m,) | None
+    def _route(self, h: torch.Tensor) -> tuple[ExpertGroups, torch.Tensor]:
+        candidates = None  # (m,) with consolidation: the open domain's experts
+        if self.consolidation is not None:
+            candidates = self.consolidation.training_candidates(h, self.router, reduce=sum_across_ranks)
         routing = self.router(  # every rank: the same experts (the union of theirs), the same order
             h, self.expert_slots, mass_hook=sum_across_ranks if world_size() > 1 else None, candidates=candidates
         )
@@ -321,38 +318,15 @@ class PragnosiaLM(LanguageModel):
             self.rule.skipped.append(expert_id)  # its slot still equals its record: no write-back
 
     def on_domain_switch(self, previous: str, new: str) -> None:
-        """The training domain changed (``callbacks.DomainSwitcher`` calls this): the consolidation policy acts."""
-        if self.consolidation.on_domain_switch(self.global_step, previous, new, self.parameters()):
-            self._consolidate()
-
-    def _observe_domain(self, h: torch.Tensor, targets: torch.Tensor) -> None:
-        """Show the policy this batch's loss under the trunk and head, before any update (novelty detection)."""
-        with torch.no_grad():
-            loss = F.cross_entropy(self.backbone.logits(h), targets, reduction="sum").float()
-            total = sum_across_ranks(torch.stack([loss, loss.new_tensor(float(targets.numel()))]))  # (2,)
-        if self.consolidation.observe(float(total[0] / total[1]), self.global_step, self.parameters()):
-            self._consolidate()  # a new domain, detected
-        if self.consolidation.last_z is not None:
-            self.log("train/novelty_z", self.consolidation.last_z)
-
-    def _consolidate(self) -> None:
-        """Give the shared parameters the policy's learning-rate factor; at 0 they stop requiring gradients."""
-        factor = self.consolidation.shared_lr_factor
-        for param in self.parameters():
-            param.requires_grad_(factor > 0)
-        if self._trainer is not None and self.trainer.optimizers:
-            for group in self.trainer.optimizers[0].param_groups:
-                group["lr"] = self.hparams.lr * factor
-        protected = self.consolidation.protected
-        rank_zero_info(
-            f"consolidation: domain {len(self.consolidation.groups)} from step {self.global_step}, shared lr × "
-            f"{factor:g}" + ("" if protected is None else f", {protected.numel()} experts protected")
-        )
-
-    @override
-    def on_train_start(self) -> None:
-        if self.consolidation.switches:  # resumed after a switch: the optimizer's lr and requires_grad again
-            self._consolidate()
+        """The training domain changed (``callbacks.DomainSwitcher`` calls this): with ``experts_per_domain`` the
+        closing domain's experts become protected and it keeps its copy of the shared parameters."""
+        if self.consolidation is not None and self.consolidation.switch(
+            self.global_step, self.parameters(), previous, new
+        ):
+            rank_zero_info(
+                f"consolidation: domain {new!r} from step {self.global_step}, "
+                f"{self.consolidation.protected.numel()} experts protected"
+            )
 
     def _shared_update_is_finite(self, loss: torch.Tensor) -> bool:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
@@ -404,25 +378,22 @@ class PragnosiaLM(LanguageModel):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) for ``tokens`` (B, T), streaming the routed experts through the device slots.
 
-        With protected experts (``model.consolidation``) every known domain's model predicts, and the result is
-        the average of their predictions weighted by each domain's posterior given the prefix (log-probabilities).
+        With ``experts_per_domain`` every known domain's model (its experts, its shared parameters) predicts, and
+        the result is the average of their predictions weighted by each domain's posterior given the prefix
+        (log-probabilities).
         """
         B, T = tokens.shape
-        domains = self.consolidation.eval_domains()
-        if domains is None:
+        domains = [] if self.consolidation is None else self.consolidation.eval_domains()
+        if not domains:
             h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
             return self.backbone.logits(h + self._expert_mixture(h)).view(B, T, -1)  # (B, T, V)
-        log_probs, live_h = [], None
+        log_probs = []
         for domain in domains:
             with self._shared_weights(domain.shared):
-                if domain.shared is not None:
-                    h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d) with the domain's own shared parts
-                else:
-                    live_h = self.backbone.trunk(tokens).flatten(0, 1) if live_h is None else live_h
-                    h = live_h
+                h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
                 logits = self.backbone.logits(h + self._expert_mixture(h, domain.experts))  # (N, V)
             log_probs.append(F.log_softmax(logits.float(), dim=-1).view(B, T, -1))
-        return self.consolidation.mix(log_probs, tokens, self.consolidation.config.domain_switch_rate)  # (B, T, V)
+        return self.consolidation.mix(log_probs, tokens)  # (B, T, V)
 
     def _expert_mixture(self, h: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
         """``Σ_e g_e · expert_e(h)`` (N, d): each token's own top-k experts (among ``candidates``), so no token's
@@ -472,7 +443,8 @@ class PragnosiaLM(LanguageModel):
         super().on_save_checkpoint(checkpoint)
         self.experts()
         checkpoint["expert_store"] = self.residency.save(self.global_step)
-        checkpoint["consolidation"] = self.consolidation.state_dict()
+        if self.consolidation is not None:
+            checkpoint["consolidation"] = self.consolidation.state_dict()
         checkpoint["skipped_updates"] = {
             "experts": self.skipped_expert_updates,
             "shared": self.skipped_shared_updates,
@@ -485,10 +457,8 @@ class PragnosiaLM(LanguageModel):
         self.skipped_expert_updates = skipped.get("experts", 0)
         self.skipped_shared_updates = skipped.get("shared", 0)
         self._nonfinite_streak = skipped.get("streak", 0)
-        if "consolidation" in checkpoint:
+        if self.consolidation is not None:
             self.consolidation.load_state_dict(checkpoint["consolidation"])
-            for param in self.parameters():
-                param.requires_grad_(self.consolidation.shared_lr_factor > 0)
         if self.checkpoint_file is None and self._trainer is not None:
             self.checkpoint_file = self.trainer.ckpt_path
         self.residency.load(checkpoint.get("expert_store"))  # the store snapshot, restored now or on first use

@@ -3,8 +3,10 @@
 
 python scripts/bench_continual.py                       # full run, writes scripts/results/continual/
 python scripts/bench_continual.py --quick --out /tmp/c  # seconds: tiny widths, 4 steps per stage
-python scripts/bench_continual.py --variants naive "frozen shared + protected, m=8" --baselines global_moe
-python scripts/bench_continual.py --variant-json '{"mine": {"consolidation": {"shared_lr_factor": 0.3}}}'
+python scripts/bench_continual.py --variants "experts_per_domain: 8" --baselines global_moe
+python scripts/bench_continual.py --variant-json '{"m=4": {"experts_per_domain": 4}}'
+
+Writes continual.json, then README.md (the results page) and heatmaps.png from it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,7 +31,9 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="*", help="PragnosiaLM variants, by label (default: all; none: only --variant-json)"
     )
-    parser.add_argument("--variant-json", type=json.loads, help="extra variants: {label: PragnosiaLM kwargs}")
+    parser.add_argument(
+        "--variant-json", type=json.loads, help="extra variants: {label: overrides of configs/continual.yaml's model}"
+    )
     parser.add_argument("--baselines", nargs="*", choices=BASELINES, help="baselines to run (default: all)")
     parser.add_argument("--schedule", nargs="+", help="domains in training order (default: every domain once)")
     parser.add_argument("--steps-per-stage", type=int)
@@ -37,7 +42,8 @@ def main() -> None:
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--max-bytes-per-domain", type=int)
     parser.add_argument("--seed", type=int)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
     overrides = {
         key: value
         for key, value in dict(
@@ -63,8 +69,8 @@ def main() -> None:
     config.pragnosia_variants = variants
     if config.joint_variant not in variants:
         config.joint_variant = None
-    run_continual(config, args.out)
-    print(open(os.path.join(args.out, "continual.md")).read())
+    run_continual(config, args.out, command=shlex.join(["python", "scripts/bench_continual.py", *argv]))
+    print(Path(args.out, "README.md").read_text())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench.continual import (
+    PLAIN,
+    RECIPE_FILE,
     ContinualConfig,
     RunPlan,
     continual_goals,
@@ -18,20 +20,19 @@ from bench.continual import (
     plan_runs,
     train_model,
 )
+from bench.recipes import method_options
 from conftest import cpu_trainer, expert_records, token_loader
 
 from callbacks import DomainSwitcher
 from pragnosia_pl import PragnosiaLM
-from pragnosia_pl.consolidation import Consolidation, ConsolidationConfig
+from pragnosia_pl.consolidation import DOMAIN_SWITCH_RATE, Consolidation
 from pragnosia_pl.router import Router
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-PROTECTED = "snapshot shared + protected, m=2"
+PROTECTED = "experts_per_domain: 2"
 
 
-def protected_model(tiny, **consolidation) -> PragnosiaLM:
-    options = dict(shared_lr_factor=0.0, protect_experts=True, experts_per_domain=3)
-    options.update(consolidation)
+def protected_model(tiny, experts_per_domain: int = 3) -> PragnosiaLM:
     return PragnosiaLM(
         **tiny,
         num_experts=8,
@@ -39,106 +40,89 @@ def protected_model(tiny, **consolidation) -> PragnosiaLM:
         expert_slots=3,
         expert_cache=3,
         store="host",
-        consolidation=ConsolidationConfig(**options),
+        experts_per_domain=experts_per_domain,
     )
 
 
 # ------------------------------------------------------------------------------------------------- the policy
 
 
-def test_a_switch_freezes_the_shared_parts_and_protects_the_domain_experts(tiny, tmp_path):
+def test_a_switch_protects_the_domains_experts_and_keeps_its_shared_parts_as_they_were(tiny, tmp_path):
     torch.manual_seed(0)
     model = protected_model(tiny)
-    cpu_trainer(tmp_path, max_steps=3).fit(model, token_loader(3, seed=0))
+    cpu_trainer(tmp_path, max_steps=4).fit(model, token_loader(4, seed=0))
     first = model.consolidation.groups[0].experts.tolist()
     assert len(first) == 3 and set(model.usage) <= set(first)  # stage 1 trained its own 3 experts only
-    model.on_domain_switch("a", "b")
-    shared = {name: p.detach().clone() for name, p in model.named_parameters()}
-    before = expert_records(model)
-
-    model.usage.clear()
-    cpu_trainer(tmp_path, max_steps=3).fit(model, token_loader(3, seed=1))
-    second = model.consolidation.groups[1].experts.tolist()
-    assert not set(first) & set(second) and set(model.usage) <= set(second)
-    after = expert_records(model)
-    assert torch.equal(before[first], after[first])  # protected: bit-for-bit, optimizer state included
-    assert not torch.equal(before[second], after[second])  # the new domain's experts learnt
-    assert all(torch.equal(shared[name], p) for name, p in model.named_parameters())  # shared parts frozen
-    assert model.consolidation.switches == [{"step": 3, "reason": "told", "previous": "a", "new": "b"}]
-
-
-def test_slowed_shared_parts_keep_learning_at_the_reduced_rate(tiny, tmp_path):
-    model = protected_model(tiny, shared_lr_factor=0.25)
-    trainer = cpu_trainer(tmp_path, max_steps=2)
-    trainer.fit(model, token_loader(2))
-    model.on_domain_switch("a", "b")
-    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [0.25e-3, 0.25e-3]
-    assert all(p.requires_grad for p in model.parameters())
-
-
-def test_a_snapshot_keeps_the_old_domain_as_it_was_while_the_shared_parts_learn_on(tiny, tmp_path):
-    torch.manual_seed(0)
-    model = protected_model(tiny, shared_lr_factor=1.0, snapshot_shared=True)
-    cpu_trainer(tmp_path, max_steps=4).fit(model, token_loader(4, seed=0))
     tokens, targets = next(iter(token_loader(1, seed=0)))
     model.eval()
     with torch.no_grad():
         first_domain = F.log_softmax(model(tokens), dim=-1)  # one known domain: its model alone
     model.on_domain_switch("a", "b")
     shared_at_switch = [p.detach().clone() for p in model.parameters()]
+    before = expert_records(model)
+
     model.train()
+    model.usage.clear()
     cpu_trainer(tmp_path, max_steps=4).fit(model, token_loader(4, seed=1))
+    second = model.consolidation.groups[1].experts.tolist()
+    assert not set(first) & set(second) and set(model.usage) <= set(second)
+    after = expert_records(model)
+    assert torch.equal(before[first], after[first])  # protected: bit-for-bit, optimizer state included
+    assert not torch.equal(before[second], after[second])  # the new domain's experts learnt
     live = [p.detach().clone() for p in model.parameters()]
-    assert not all(torch.equal(a, b) for a, b in zip(shared_at_switch, live))  # the live shared parts learnt on
+    assert not any(torch.equal(a, b) for a, b in zip(shared_at_switch, live))  # every shared part learnt on
+    assert all(torch.equal(a, b) for a, b in zip(model.consolidation.groups[0].shared, shared_at_switch))
+    assert model.consolidation.switches == [{"step": 4, "previous": "a", "new": "b"}]
+
     model.eval()
     with torch.no_grad():
         mixed = model(tokens)  # both domains' models, weighted by their posterior
+        known, model.consolidation.groups = model.consolidation.groups, model.consolidation.groups[1:]
+        second_domain = F.log_softmax(model(tokens), dim=-1)  # the open domain's model alone: the live shared parts
+        model.consolidation.groups = known
     assert all(torch.equal(a, b) for a, b in zip(live, model.parameters()))  # evaluation put the live ones back
-    assert all(torch.equal(a, b) for a, b in zip(model.consolidation.groups[0].shared, shared_at_switch))
-    # A Bayesian average is at most log G nats worse per sequence than the right domain's model alone.
+    torch.testing.assert_close(mixed, Consolidation.mix([first_domain, second_domain], tokens), rtol=0, atol=1e-5)
+    # A fixed-share average is at most log G − (T − 1)·log(1 − α) nats worse per sequence than the right domain's
+    # model alone: here the first domain's, as it was at the switch.
     seq_nll = lambda log_probs: -log_probs.gather(-1, targets[..., None]).squeeze(-1).sum(-1)  # noqa: E731
-    assert (seq_nll(mixed) <= seq_nll(first_domain) + math.log(2) + 1e-4).all()
+    bound = math.log(2) - (tokens.size(1) - 1) * math.log1p(-DOMAIN_SWITCH_RATE)
+    assert (seq_nll(mixed) <= seq_nll(first_domain) + bound + 1e-4).all()
 
 
-def test_mix_is_the_posterior_weighted_average_given_the_prefix():
+def test_a_switch_before_the_domain_trained_keeps_it_open(tiny, tmp_path):
+    model = protected_model(tiny)
+    model.on_domain_switch("a", "b")  # nothing trained yet: nothing to protect
+    assert len(model.consolidation.groups) == 1 and model.consolidation.switches == []
+    plain = PragnosiaLM(**tiny, num_experts=8, num_active_experts=2)
+    assert plain.consolidation is None
+    plain.on_domain_switch("a", "b")  # without experts_per_domain a switch changes nothing
+
+
+def test_mix_is_the_fixed_share_average_given_the_prefix():
     tokens = torch.tensor([[0, 1, 1]])  # (B=1, T=3), V=2
     a = torch.tensor([[[0.9, 0.1], [0.5, 0.5], [0.8, 0.2]]]).log()  # domain a's predictions at t = 0, 1, 2
     b = torch.tensor([[[0.2, 0.8], [0.1, 0.9], [0.3, 0.7]]]).log()
-    mixed = Consolidation.mix([a, b], tokens).exp()
-    # t=0: no evidence, 1/2 each; t=1: saw x_1=1 (a: 0.1, b: 0.8); t=2: also x_2=1 (a: 0.1·0.5, b: 0.8·0.9)
-    w_a = [0.5, 0.1 / 0.9, 0.05 / (0.05 + 0.72)]
-    expected = torch.stack([w * a[0, t].exp() + (1 - w) * b[0, t].exp() for t, w in enumerate(w_a)])
-    assert torch.allclose(mixed[0], expected, atol=1e-6)
     assert torch.equal(Consolidation.mix([a], tokens), a)
-    # fixed share α = 0.5: after each update half the weight is spread evenly, (1 − α)·posterior + α/2
-    w_a = [0.5]
-    for x, (pa, pb) in zip([1, 1], [(0.1, 0.8), (0.5, 0.9)]):
-        posterior_a = w_a[-1] * pa / (w_a[-1] * pa + (1 - w_a[-1]) * pb)
-        w_a.append(0.5 * posterior_a + 0.25)
-    assert w_a == pytest.approx([0.5, 0.5 / 9 + 0.25, 0.348214], abs=1e-6)
-    expected = torch.stack([w * a[0, t].exp() + (1 - w) * b[0, t].exp() for t, w in enumerate(w_a)])
-    assert torch.allclose(Consolidation.mix([a, b], tokens, switch_rate=0.5).exp()[0], expected, atol=1e-6)
-
-
-def test_novelty_is_detected_at_the_first_batch_of_a_new_domain_and_not_before():
-    policy = Consolidation(ConsolidationConfig(novelty="auto", novelty_warmup=10), 8, 2, 2)
-    g = torch.Generator().manual_seed(0)
-    noise = [0.05 * v for v in torch.randn(80, generator=g).tolist()]
-    learning = [2.2 + 0.8 * math.exp(-step / 10) + noise[step] for step in range(60)]  # falling, then flat
-    new_domain = [2.8 + noise[step] for step in range(60, 80)]  # a new domain: the loss jumps
-    fired = [policy.observe(loss, step) for step, loss in enumerate(learning + new_domain)]
-    assert [step for step, f in enumerate(fired) if f] == [60]
-    assert policy.switches == [{"step": 60, "reason": "novelty", "previous": None, "new": None}]
-    assert not policy.on_domain_switch(60, "a", "b") and policy.told == [{"step": 60, "previous": "a", "new": "b"}]
+    for alpha, by_hand in [(0.5, [0.5, 0.5 / 9 + 0.25, 0.348214]), (DOMAIN_SWITCH_RATE, None)]:
+        # t=0: no evidence, 1/2 each; then after each token: (1 − α)·posterior + α/2, the posterior from the
+        # weight before and the token's probability (x_1 = 1: a 0.1, b 0.8; x_2 = 1: a 0.5, b 0.9)
+        w_a = [0.5]
+        for pa, pb in [(0.1, 0.8), (0.5, 0.9)]:
+            posterior_a = w_a[-1] * pa / (w_a[-1] * pa + (1 - w_a[-1]) * pb)
+            w_a.append((1 - alpha) * posterior_a + alpha / 2)
+        if by_hand:
+            assert w_a == pytest.approx(by_hand, abs=1e-6)
+        expected = torch.stack([w * a[0, t].exp() + (1 - w) * b[0, t].exp() for t, w in enumerate(w_a)])
+        mixed = Consolidation.mix([a, b], tokens) if by_hand is None else Consolidation.mix([a, b], tokens, alpha)
+        assert torch.allclose(mixed.exp()[0], expected, atol=1e-6)
+    assert DOMAIN_SWITCH_RATE == 0.01
 
 
 def test_policy_state_round_trips():
-    config = ConsolidationConfig(protect_experts=True, experts_per_domain=2, snapshot_shared=True)
-    policy = Consolidation(config, 8, 2, 2)
-    policy.observe(2.0, step=0)
+    policy = Consolidation(experts_per_domain=2, num_experts=8, num_active_experts=2)
     policy.groups[0].experts = torch.tensor([1, 5])
-    policy.switch(step=1, reason="told", parameters=[torch.ones(3)])
-    restored = Consolidation(policy.config, 8, 2, 2)
+    policy.switch(step=1, parameters=[torch.ones(3)], previous="a", new="b")
+    restored = Consolidation(experts_per_domain=2, num_experts=8, num_active_experts=2)
     restored.load_state_dict(policy.state_dict())
     assert restored.summary() == policy.summary() and restored.protected.tolist() == [1, 5]
     assert torch.equal(restored.groups[0].shared[0], torch.ones(3))
@@ -155,33 +139,24 @@ def test_router_candidates_bound_the_working_set_and_every_expert_gets_tokens():
         router(torch.randn(4, 16), expert_slots=2, candidates=torch.tensor([3]))
 
 
-@pytest.mark.parametrize(
-    ("options", "match"),
-    [
-        (dict(shared_lr_factor=1.5), r"model\.consolidation\.shared_lr_factor \(1\.5\) must be in \[0, 1\]"),
-        (dict(experts_per_domain=0), r"model\.consolidation\.experts_per_domain \(0\) must be ≥ 1 or null"),
-        (dict(novelty="maybe"), r"model\.consolidation\.novelty \('maybe'\) must be one of: told, auto"),
-        (dict(novelty_threshold=0), r"model\.consolidation\.novelty_threshold \(0\) must be > 0"),
-        (dict(novelty_warmup=0), r"model\.consolidation\.novelty_warmup \(0\) must be ≥ 1"),
-        (dict(stats_momentum=1.0), r"model\.consolidation\.stats_momentum \(1\.0\) must be in \(0, 1\)"),
-        (dict(domain_switch_rate=1.0), r"model\.consolidation\.domain_switch_rate \(1\.0\) must be in \[0, 1\)"),
-        (dict(snapshot_shared=True), r"model\.consolidation\.snapshot_shared needs model\.consolidation\.protect"),
-    ],
-)
-def test_bad_consolidation_options_name_their_key(options, match):
-    with pytest.raises(ValueError, match=match):
-        ConsolidationConfig(**options)
+@pytest.mark.parametrize("experts_per_domain", [1, 9])
+def test_domain_groups_must_fit_the_experts(tiny, experts_per_domain):
+    with pytest.raises(
+        ValueError,
+        match=rf"model\.experts_per_domain \({experts_per_domain}\) must be between model\.num_active_experts \(2\) "
+        r"and model\.num_experts \(8\), or null",
+    ):
+        protected_model(tiny, experts_per_domain=experts_per_domain)
 
 
-def test_domain_groups_must_fit_the_experts(tiny):
-    with pytest.raises(ValueError, match=r"experts_per_domain \(1\) must be between model\.num_active_experts \(2\)"):
-        protected_model(tiny, experts_per_domain=1)
-    policy = Consolidation(ConsolidationConfig(protect_experts=True, experts_per_domain=3), 4, 2, 2)
+def test_domains_that_run_out_of_experts_name_the_keys():
+    policy = Consolidation(experts_per_domain=3, num_experts=4, num_active_experts=2)
     router = Router(d_model=4, num_experts=4, num_active_experts=2)
-    policy.observe(2.0, step=0)
     policy.training_candidates(torch.randn(8, 4), router)
-    policy.switch(step=1, reason="told")
-    with pytest.raises(ValueError, match=r"domain 2 needs .*experts_per_domain \(3\) unprotected experts but only 1"):
+    policy.switch(step=1, parameters=[], previous="a", new="b")
+    with pytest.raises(
+        ValueError, match=r"domain 2 needs model\.experts_per_domain \(3\) unprotected experts but only 1"
+    ):
         policy.training_candidates(torch.randn(8, 4), router)
 
 
@@ -196,7 +171,7 @@ def test_bench_continual_quick(tmp_path, monkeypatch):
     labels = [r["label"] for r in report["runs"]]
     assert labels == [
         "GlobalMoE (naive sequential)",
-        "PragnosiaLM (naive)",
+        f"PragnosiaLM ({PLAIN})",
         f"PragnosiaLM ({PROTECTED})",
         "DenseLM (naive sequential)",
         "PragnosiaLM joint (all domains mixed, reference)",
@@ -208,13 +183,24 @@ def test_bench_continual_quick(tmp_path, monkeypatch):
         assert all(0 < v < 9 for row in bpb["matrix"] for v in row)
         assert bpb["plasticity"] == [bpb["matrix"][i][i] for i in range(3)]
         assert (out / run["slug"] / "continual.png").stat().st_size > 0
-    assert set(report["goals"]) == {"naive", PROTECTED}
-    protected = report["runs"][2]
+    assert set(report["goals"]) == {PLAIN, PROTECTED}
+    plain, protected, joint = report["runs"][1], report["runs"][2], report["runs"][4]
+    assert plain["options"]["experts_per_domain"] is None and "consolidation" not in plain
+    assert joint["options"]["experts_per_domain"] is None and "consolidation" not in joint
+    assert protected["options"] == {**method_options(RECIPE_FILE), "experts_per_domain": 2}  # the config's, m = 2
     domains = protected["consolidation"]["domains"]
     assert [len(d["experts"]) for d in domains] == [2, 2, 2] and len({e for d in domains for e in d["experts"]}) == 6
     assert [d["shared_snapshot"] for d in domains] == [True, True, False]  # the open domain uses the live ones
     assert (out / "heatmaps.png").stat().st_size > 0
-    assert f"| PragnosiaLM ({PROTECTED}) |" in (out / "continual.md").read_text()
+
+    page = (out / "README.md").read_text()  # written from the JSON: its numbers, its command
+    assert "Written by `scripts/bench_continual.py` from `continual.json`" in page
+    assert f"`python scripts/bench_continual.py --quick --out {out}`" in page and report["machine"] in page
+    for run in report["runs"]:
+        figures = run["bpb"]["figures"]
+        assert f"| {run['label']} | {figures['average_final']:.3f} |" in page
+        if run["kind"] != "joint":
+            assert f"| {figures['forgetting']:+.3f} | {figures['bwt']:+.3f} |" in page
 
 
 def test_figures_and_goals_match_a_hand_computed_example():

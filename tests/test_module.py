@@ -9,6 +9,7 @@ Mutations seen failing here, and the test that caught each:
 """
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -198,3 +199,30 @@ def test_the_shared_adamw_does_not_decay(tiny, model_class):
     assert isinstance(optimizer, torch.optim.AdamW)  # whose default weight decay is 0.01
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0]
     assert len(optimizer.param_groups[0]["params"]) == len(list(model.parameters()))
+
+
+def test_the_option_list_is_short():
+    """Issue 17: at most 20 keys (consolidation is one of them, experts_per_domain); each earned by a user or a
+    measurement."""
+    assert list(inspect.signature(PragnosiaLM).parameters) == [
+        "d_model",
+        "n_shared_layers",
+        "n_heads",
+        "num_experts",
+        "num_active_experts",
+        "objective",
+        "expert_slots",
+        "expert_cache",
+        "micro_batch",
+        "expert_hidden",
+        "store",
+        "store_dir",
+        "expert_optimizer",
+        "local_lr",
+        "lr",
+        "balance_coef",
+        "router",
+        "grad_clip",
+        "seed",
+        "experts_per_domain",
+    ]

@@ -10,7 +10,6 @@ from bench.recipes import BENCHMARK_KEYS, model_options
 
 from pragnosia_pl import PragnosiaLM
 from pragnosia_pl.cli import run_cli
-from pragnosia_pl.consolidation import ConsolidationConfig
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 TINY_MODEL = [
@@ -48,17 +47,8 @@ def config_model(config_file: str) -> dict:
 
 def differences(model: PragnosiaLM, config_file: str) -> set[str]:
     """The method options (not :data:`BENCHMARK_KEYS`) in which ``model`` differs from ``config_file``'s model."""
-
-    def normal(key, value):
-        if key == "consolidation":  # the module keeps every field; a config names some or none
-            return value if isinstance(value, ConsolidationConfig) else ConsolidationConfig(**(value or {}))
-        return value
-
-    reference = config_model(config_file)
-    built = dict(model.hparams)
-    return {
-        key for key in reference if key not in BENCHMARK_KEYS and normal(key, built[key]) != normal(key, reference[key])
-    }
+    reference, built = config_model(config_file), dict(model.hparams)
+    return {key for key in reference if key not in BENCHMARK_KEYS and built[key] != reference[key]}
 
 
 @pytest.mark.parametrize("name", ["", *quality.PRESET_VARIANTS])
@@ -78,11 +68,13 @@ def test_throughput_contenders_train_the_quickstart_recipe(tmp_path):
     model.store.close()
 
 
-def test_continual_headline_variant_is_configs_continual(tmp_path):
+def test_continual_variants_are_configs_continual_with_and_without_consolidation(tmp_path):
     config = continual_bench.ContinualConfig(d_model=16, n_shared_layers=1, n_heads=2)
-    plan = continual_bench.RunPlan("pragnosia", "snapshot shared + protected, m=8")
-    model = continual_bench.build_model(config, plan, str(tmp_path))
-    assert differences(model, "continual.yaml") == set()
+    for variant, overrides in [("experts_per_domain: 8", set()), (continual_bench.PLAIN, {"experts_per_domain"})]:
+        model = continual_bench.build_model(config, continual_bench.RunPlan("pragnosia", variant), str(tmp_path))
+        assert differences(model, "continual.yaml") == overrides
+    joint = continual_bench.build_model(config, continual_bench.RunPlan("joint"), str(tmp_path))
+    assert differences(joint, "continual.yaml") == {"experts_per_domain"} and joint.consolidation is None
 
 
 def test_engine_recipes_name_shipped_configs():

@@ -3,14 +3,19 @@
 Every model trains on the same schedule of domains (``steps_per_stage`` batches each, no replay), with the same
 batches, tokens and seed, under ``callbacks.DomainSwitcher``, which records the matrix ``R[i][j]`` of validation
 bits per byte on domain ``j`` after stage ``i`` (and before training) and tells the module of each switch
-(``on_domain_switch``). The models: ``PragnosiaLM`` in each consolidation variant (``pragnosia_variants``:
-each a set of ``PragnosiaLM`` switches, see :mod:`pragnosia_pl.consolidation`), ``GlobalMoE`` and ``DenseLM``
-(naive sequential fine-tuning), and a joint ``PragnosiaLM`` trained on all domains mixed for the same number
-of steps (the upper reference; its matrix rows are points of one mixed run, so it has no forgetting figures).
+(``on_domain_switch``). The models: ``PragnosiaLM`` as ``configs/continual.yaml`` trains it (``experts_per_domain:
+8``, :mod:`pragnosia_pl.consolidation`) and the same config without consolidation (``experts_per_domain: null``),
+each a ``pragnosia_variants`` entry of overrides on the config's model section; ``GlobalMoE`` and ``DenseLM``
+(naive sequential fine-tuning); and a joint ``PragnosiaLM`` without consolidation trained on all domains mixed for
+the same number of steps (a reference; its matrix rows are points of one mixed run, so it has no forgetting
+figures).
 
 Per model: the matrix, average final bpb, BWT, average forgetting, plasticity (bpb on each domain right after
 its own stage), FWT. Against ``GlobalMoE`` (issue 7's goals): forgetting ≤ 5% of its forgetting, final average
 bpb ≤ 0.8 × its own, and plasticity within 10% of its plasticity on every domain.
+
+The report, ``continual.json``, holds every number, the config, the machine, the date and the command;
+``README.md`` and the heat maps are written from it, so text and numbers cannot drift.
 """
 
 from __future__ import annotations
@@ -25,30 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.recipes import text_domains
+from bench.recipes import method_options, text_domains
 from bench.report import markdown_table, pyplot, report_header
 
 BASELINES = ("global_moe", "dense", "joint")
 LICENSES_DIR = "/usr/share/common-licenses"
 GOALS = {"forgetting_ratio": 0.05, "final_ratio": 0.8, "plasticity_ratio": 1.10}
+RECIPE_FILE = "continual.yaml"
 
-# Each variant is a set of PragnosiaLM keyword arguments; "consolidation" is a ConsolidationConfig's fields.
-PROTECTED = {"expert_slots": 8, "expert_cache": 8}  # a domain's whole group every step
-SNAPSHOT = {"protect_experts": True, "experts_per_domain": 8, "snapshot_shared": True, "domain_switch_rate": 0.01}
+# Each variant overrides the model section of configs/continual.yaml (its method options: bench.recipes).
+PLAIN = "experts_per_domain: null"
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
-    "naive": {},
-    "frozen shared": {"consolidation": {"shared_lr_factor": 0.0}},
-    "frozen shared + protected, m=8": {
-        **PROTECTED,
-        "consolidation": {"shared_lr_factor": 0.0, "protect_experts": True, "experts_per_domain": 8},
-    },
-    "slow shared ×0.3 + protected, m=8": {
-        **PROTECTED,
-        "consolidation": {"shared_lr_factor": 0.3, "protect_experts": True, "experts_per_domain": 8},
-    },
-    "snapshot shared + protected, m=8, α=0": {**PROTECTED, "consolidation": {**SNAPSHOT, "domain_switch_rate": 0.0}},
-    "snapshot shared + protected, m=8": {**PROTECTED, "consolidation": SNAPSHOT},
-    "snapshot shared + protected, m=8, novelty": {**PROTECTED, "consolidation": {**SNAPSHOT, "novelty": "auto"}},
+    PLAIN: {"experts_per_domain": None},  # one set of experts and shared parts: DESIGN §3 as written
+    "experts_per_domain: 8": {},  # the config as shipped
 }
 
 
@@ -70,9 +64,11 @@ class ContinualConfig:
         steps_per_stage: training batches on each stage's domain.
         batches_per_epoch: batches in a Lightning epoch (``limit_train_batches``); divides ``steps_per_stage``
             and may not exceed a domain's training batches.
-        pragnosia_variants: label -> ``PragnosiaLM`` keyword arguments of each variant that runs.
+        pragnosia_variants: label -> the overrides of ``configs/continual.yaml``'s model section, of each variant
+            that runs.
         baselines: which of ``global_moe``, ``dense``, ``joint`` run.
-        joint_variant: the ``pragnosia_variants`` entry whose options the joint model uses (``None``: plain).
+        joint_variant: the ``pragnosia_variants`` entry whose options the joint model uses, without consolidation
+            (``None``: the config's).
         val_batches: ``limit_val_batches`` of each evaluation (1.0: the whole validation split of each domain).
         threads: torch CPU threads (``None``: torch's default); one by default, as the quality benchmark.
 
@@ -89,16 +85,14 @@ class ContinualConfig:
     n_heads: int = 4
     num_experts: int = 32
     num_active_experts: int = 2
-    expert_slots: int = 2
     block_size: int = 128
     batch_size: int = 16
     max_bytes_per_domain: int | None = 1_000_000
     lr: float = 1e-3
-    local_lr: float = 0.1
     store: str = "host"
     pragnosia_variants: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_VARIANTS))
     baselines: tuple[str, ...] = BASELINES
-    joint_variant: str | None = "naive"
+    joint_variant: str | None = PLAIN
     val_batches: float = 1.0
     seed: int = 0
     threads: int | None = 1
@@ -135,7 +129,7 @@ class ContinualConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> ContinualConfig:
-        """A tiny run (seconds): width 16, one trunk layer, n=8, 4 steps per stage, two variants."""
+        """A tiny run (seconds): width 16, one trunk layer, n=8, 4 steps per stage, two variants (m = 2)."""
         options: dict[str, Any] = dict(
             d_model=16,
             n_shared_layers=1,
@@ -148,10 +142,8 @@ class ContinualConfig:
             max_bytes_per_domain=20_000,
             val_batches=2,
             pragnosia_variants={
-                "naive": {},
-                "snapshot shared + protected, m=2": {
-                    "consolidation": {"protect_experts": True, "snapshot_shared": True}
-                },
+                PLAIN: {"experts_per_domain": None},
+                "experts_per_domain: 2": {"experts_per_domain": 2},
             },
         )
         options.update(overrides)
@@ -177,7 +169,7 @@ class RunPlan:
     def slug(self) -> str:
         if self.kind != "pragnosia":
             return self.kind
-        return "pragnosia_" + re.sub(r"[^a-z0-9]+", "_", self.variant.lower().replace("α", "alpha")).strip("_")
+        return "pragnosia_" + re.sub(r"[^a-z0-9]+", "_", self.variant.lower()).strip("_")
 
 
 def plan_runs(config: ContinualConfig) -> list[RunPlan]:
@@ -186,6 +178,16 @@ def plan_runs(config: ContinualConfig) -> list[RunPlan]:
     runs += [RunPlan("pragnosia", name) for name in config.pragnosia_variants]
     runs += [RunPlan(kind) for kind in ("dense", "joint") if kind in config.baselines]
     return runs
+
+
+def pragnosia_options(config: ContinualConfig, plan: RunPlan) -> dict[str, Any]:
+    """``PragnosiaLM``'s method options of ``plan``: ``configs/continual.yaml``'s, with the variant's overrides (the
+    joint model: ``joint_variant``'s, without consolidation)."""
+    variant = plan.variant if plan.kind == "pragnosia" else config.joint_variant
+    options = {**method_options(RECIPE_FILE), **config.pragnosia_variants.get(variant, {})}
+    if plan.kind == "joint":
+        options["experts_per_domain"] = None  # one mixed stage: nothing to consolidate
+    return options
 
 
 def build_model(config: ContinualConfig, plan: RunPlan, store_dir: str):
@@ -204,19 +206,8 @@ def build_model(config: ContinualConfig, plan: RunPlan, store_dir: str):
         return DenseLM(**common)
     if plan.kind == "global_moe":
         return GlobalMoE(**common, num_experts=config.num_experts)
-    variant = plan.variant if plan.kind == "pragnosia" else config.joint_variant
-    options = dict(
-        common,
-        num_experts=config.num_experts,
-        expert_slots=config.expert_slots,
-        store=config.store,
-        store_dir=store_dir,
-        local_lr=config.local_lr,
-    )
-    options.update(config.pragnosia_variants.get(variant, {}) if variant is not None else {})
-    if plan.kind == "joint":
-        options.pop("consolidation", None)  # one mixed stage: nothing to consolidate
-    return PragnosiaLM(**options)
+    options = pragnosia_options(config, plan)
+    return PragnosiaLM(**common, **options, num_experts=config.num_experts, store=config.store, store_dir=store_dir)
 
 
 def make_datamodule(config: ContinualConfig, mixed: bool = False):
@@ -286,8 +277,9 @@ def train_model(
     result["wall_s"] = time.perf_counter() - started
     result["steps"] = trainer.global_step
     if plan.kind in ("pragnosia", "joint"):
-        result["options"] = {k: v for k, v in (config.pragnosia_variants.get(plan.variant) or {}).items()}
-        result["consolidation"] = model.consolidation.summary()
+        result["options"] = pragnosia_options(config, plan)
+        if model.consolidation is not None:
+            result["consolidation"] = model.consolidation.summary()
         model.experts().flush()
         model.store.close()
     return result
@@ -349,8 +341,9 @@ def continual_goals(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return goals
 
 
-def run_continual(config: ContinualConfig, out_dir: str | Path, log=print) -> dict[str, Any]:
-    """Run every model; write ``continual.json``, ``continual.md``, ``heatmaps.png`` and ``<model>/continual.*``."""
+def run_continual(config: ContinualConfig, out_dir: str | Path, command: str = "", log=print) -> dict[str, Any]:
+    """Run every model; write ``continual.json``, then ``README.md`` and ``heatmaps.png`` from it, and
+    ``<model>/continual.*`` (each model's ``DomainSwitcher`` report)."""
     import torch
 
     out = Path(out_dir)
@@ -376,15 +369,26 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, log=print) -> di
         summary = data.summary()
     report = {
         **report_header("continual", started, config),
+        "command": command,
+        "recipe": method_options(RECIPE_FILE),
         "tokens_per_model": config.steps_per_stage * len(config.schedule) * config.batch_size * config.block_size,
         "data": summary,
         "runs": results,
         "goals": continual_goals(results),
     }
-    (out / "continual.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    (out / "continual.md").write_text(continual_markdown(report))
-    plot_heatmaps(results, out / "heatmaps.png")
+    write_report(report, out)
     return report
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    """``continual.json`` (written first, atomically), then ``README.md`` and ``heatmaps.png`` from it."""
+    path = out / "continual.json"
+    partial = path.with_suffix(".json.tmp")
+    partial.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    partial.replace(path)
+    report = json.loads(path.read_text())
+    (out / "README.md").write_text(markdown(report))
+    plot_heatmaps(report["runs"], out / "heatmaps.png")
 
 
 def _json_default(value: Any) -> Any:
@@ -393,22 +397,27 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def continual_markdown(report: dict[str, Any]) -> str:
-    config = report["config"]
+def markdown(report: dict[str, Any]) -> str:
+    """The results page: every number from ``report`` (``continual.json``)."""
+    config, recipe = report["config"], report["recipe"]
     schedule = config["schedule"]
     lines = [
-        "# Continual learning: domains in sequence, no replay",
+        "# Continual learning: domains in sequence, no replay (issue 7)",
         "",
-        f"{report['machine']}, {report['date']}; {report['wall_minutes']:.0f} min wall.",
+        "Written by `scripts/bench_continual.py` from `continual.json`; do not edit by hand.",
         "",
-        f"Schedule {' → '.join(schedule)}, {config['steps_per_stage']} steps each "
-        f"({report['tokens_per_model']:,} tokens per model), batch {config['batch_size']}×{config['block_size']} "
-        f"bytes, seed {config['seed']}; d={config['d_model']}, {config['n_shared_layers']} trunk layers, "
-        f"n={config['num_experts']}, k={config['num_active_experts']}, S={config['expert_slots']} unless the variant "
-        f"says otherwise; shared AdamW lr {config['lr']}, expert SGD lr {config['local_lr']}.",
-        "Data: "
+        f"- Command: `{report['command']}`",
+        f"- Machine: {report['machine']}; started {report['date']}, {report['wall_minutes']:.0f} min wall.",
+        f"- Schedule {' → '.join(schedule)}, {config['steps_per_stage']} steps each "
+        f"({report['tokens_per_model']:,} tokens per model), batch {config['batch_size']} × {config['block_size']} "
+        f"bytes, seed {config['seed']}; every model d = {config['d_model']}, {config['n_shared_layers']} trunk "
+        f"layers, k = {config['num_active_experts']}, n = {config['num_experts']}, shared AdamW lr {config['lr']}.",
+        f"- PragnosiaLM: `configs/{RECIPE_FILE}`'s model section ({_options(recipe)}) with each variant's "
+        f"overrides, {config['store']} store; the joint reference is the `{config['joint_variant']}` variant on all "
+        "domains mixed.",
+        "- Data: "
         + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in report["data"].items())
-        + f" (max_bytes_per_domain={config['max_bytes_per_domain']}); evaluation: held-out blocks of every domain.",
+        + f" (max_bytes_per_domain {config['max_bytes_per_domain']}); evaluation: held-out blocks of every domain.",
         "",
         "All figures in bits per byte. Plasticity: bpb on each domain right after its own stage. Forgetting: mean "
         "over the domains before the last of (final bpb − best bpb after an earlier stage); BWT: mean of "
@@ -453,21 +462,21 @@ def continual_markdown(report: dict[str, Any]) -> str:
             for variant, goal in goals.items()
         ]
         lines += markdown_table(header, rows)
-    lines += ["", "PragnosiaLM variants (keyword arguments on top of the shared ones):", ""]
-    for variant, options in config["pragnosia_variants"].items():
-        lines.append(f"- {variant}: `{json.dumps(options, ensure_ascii=False)}`")
-    novelty = [
-        r
-        for r in report["runs"]
-        if r.get("consolidation", {}).get("told")
-        and any(s["reason"] == "novelty" for s in r["consolidation"]["switches"])
-    ]
-    for r in novelty:
-        told = [t["step"] for t in r["consolidation"]["told"]]
-        fired = [s["step"] for s in r["consolidation"]["switches"]]
-        lines += ["", f"{r['label']}: switches told at steps {told}, detected at steps {fired}."]
+    lines += ["", "PragnosiaLM variants (overrides of the config's model section):", ""]
+    lines += [f"- {variant}: `{json.dumps(options)}`" for variant, options in config["pragnosia_variants"].items()]
+    for r in report["runs"]:
+        if "consolidation" in r:
+            domains = "; ".join(
+                f"{stage}: experts {domain['experts']}"
+                for stage, domain in zip(r["stages"], r["consolidation"]["domains"])
+            )
+            lines += ["", f"{r['label']}: each domain's protected experts ({domains})."]
     lines += ["", "Heat maps: `heatmaps.png` (bpb, every model); per model: `<model>/continual.{json,md,png}`.", ""]
     return "\n".join(lines)
+
+
+def _options(options: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {json.dumps(value)}" for key, value in options.items())
 
 
 def _mark(ok: bool) -> str:
