@@ -4,9 +4,11 @@
 python scripts/bench_quality.py                      # full run, writes scripts/results/quality/
 python scripts/bench_quality.py --quick --out /tmp/q # seconds: tiny widths, 20 steps, n=8
 python scripts/bench_quality.py --num-experts 8 --steps 600 --pragnosia '{"local_lr": 0.1}'
+python scripts/bench_quality.py --report-only          # re-render scripts/results/quality/README.md, run nothing
 
 The plain PragnosiaLM run is configs/quickstart.yaml's model; the presets (--variants exact bounded local) are
-configs/streamed.yaml and configs/bounded.yaml with the overrides listed in bench/quality.py PRESETS.
+configs/streamed.yaml and configs/bounded.yaml with the overrides listed in bench/quality.py PRESETS. A run into a
+folder of scripts/results/quality re-renders that page from the JSON there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import pages  # noqa: E402
 from bench.quality import (  # noqa: E402
     MODEL_KINDS,
     PRESET_VARIANTS,
@@ -58,7 +61,11 @@ def main() -> None:
         '{name: kwargs} objects, e.g. bounded \'{"adam": {"expert_optimizer": "adam"}}\'; '
         "default: exact local",
     )
+    parser.add_argument("--report-only", action="store_true", help="re-render OUT's results page only; run nothing")
     args = parser.parse_args()
+    if args.report_only:
+        print(pages.write(Path(args.out)))
+        return
     overrides = {
         key: value
         for key, value in dict(
@@ -79,8 +86,12 @@ def main() -> None:
     if args.time_budget_min is not None:
         overrides["time_budget_min"] = args.time_budget_min or None
     config = QualityConfig.quick(**overrides) if args.quick else QualityConfig(**overrides)
-    report = run_quality(config, args.out)
+    command = " ".join(["python scripts/bench_quality.py", *sys.argv[1:]])
+    report = run_quality(config, args.out, command=command)
     print(open(os.path.join(args.out, "quality.md")).read())
+    page = pages.page_folder(Path(args.out))
+    if page is not None:
+        print(f"wrote {pages.write(page)}")
     if not report["runs"]:
         raise SystemExit(1)
 

@@ -3,12 +3,16 @@
 
 python scripts/bench_throughput.py                      # full run, writes scripts/results/throughput/
 python scripts/bench_throughput.py --quick --out /tmp/t # seconds: tiny widths, n=8
-python scripts/bench_throughput.py --profile 64 disk 2  # torch.profiler table of one contender's steps
+python scripts/bench_throughput.py --profile 64 disk 2  # torch.profiler table of one contender's steps, and its JSON
+python scripts/bench_throughput.py --report-only        # re-render scripts/results/throughput/README.md, run nothing
+
+A run (or a profile) into a results page's folder, or a folder inside one, re-renders that page from its JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import pages  # noqa: E402
 from bench.throughput import (  # noqa: E402
     STORE_KINDS,
     ThroughputConfig,
@@ -38,9 +43,15 @@ def main() -> None:
         "--profile",
         nargs=3,
         metavar=("N", "STORE", "CACHE"),
-        help="print a torch.profiler table of one PragnosiaLM contender instead",
+        help="profile one PragnosiaLM contender instead: OUT/profile_nN_STORE_cacheCACHE.{txt,json}",
     )
+    parser.add_argument("--report-only", action="store_true", help="re-render OUT's results page only; run nothing")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.report_only:
+        print(pages.write(out))
+        return
+    command = " ".join(["python scripts/bench_throughput.py", *sys.argv[1:]])
     overrides = {
         key: value
         for key, value in dict(
@@ -57,10 +68,17 @@ def main() -> None:
     config = ThroughputConfig.quick(**overrides) if args.quick else ThroughputConfig(**overrides)
     if args.profile:
         n, store, cache = args.profile
-        print(profile_step(config, int(n), store, int(cache)))
-        return
-    run_throughput(config, args.out)
-    print(open(os.path.join(args.out, "throughput.md")).read())
+        table, report = profile_step(config, int(n), store, int(cache), command=command)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"profile_n{n}_{store}_cache{cache}.txt").write_text(table + "\n")
+        (out / f"profile_n{n}_{store}_cache{cache}.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(table)
+    else:
+        run_throughput(config, out, command=command)
+        print((out / "throughput.md").read_text())
+    page = pages.page_folder(out)
+    if page is not None:
+        print(f"wrote {pages.write(page)}")
 
 
 if __name__ == "__main__":

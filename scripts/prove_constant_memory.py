@@ -2,10 +2,12 @@
 
     python scripts/prove_constant_memory.py [--experts 8 16 ... 1024] [--steps 50] [--warmup 10] [--out DIR]
         [--store disk|host] [--baseline-max-experts N] [--batch-size B] [--per-token] [--pragnosia JSON] [--quick]
+    python scripts/prove_constant_memory.py --report-only [--out scripts/results/constant_memory]
 
 Each configuration runs in its own process. Writes DIR/constant_memory.{json,md,png}; exit code 0 only when
 every check passes (CV < 2% within runs, max/min of mean memory across n ≤ 1.05, model memory ≤ 1.2 × the
-analytic floor, baseline growing with n).
+analytic floor, baseline growing with n). Then re-renders the results page of DIR, or of the page folder DIR is
+in (constant_memory, store_memory, gpu), from the JSON there; --report-only does only that.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.constant_memory import RunSpec, markdown_table, run_isolated, verdict, write_report  # noqa: E402
+from bench import pages  # noqa: E402
+from bench.constant_memory import RunSpec, markdown, run_isolated, write_report  # noqa: E402
+from bench.report import load_average  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences of 128 bytes per step (default 16)")
     parser.add_argument("--pragnosia", type=json.loads, default={}, help="further PragnosiaLM kwargs as JSON")
     parser.add_argument("--quick", action="store_true", help="tiny widths, few steps, two n (for tests)")
+    parser.add_argument("--report-only", action="store_true", help="re-render the results page only; run nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        print(pages.write(args.out))
+        return 0
     if min(args.experts) < 2:
         parser.error("--experts: every n must be ≥ 2 (k = 2)")
 
@@ -66,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = [RunSpec("pragnosia", n, **ours, **shared) for n in sorted(args.experts)]
     specs += [RunSpec("global", n, **shared) for n in sorted(args.experts) if n <= args.baseline_max_experts]
 
+    command = " ".join(["python scripts/prove_constant_memory.py", *(sys.argv[1:] if argv is None else argv)])
+    started, load = time.time(), load_average()
     runs = []
     with tqdm(specs, desc="constant-memory runs", unit="run", file=sys.stdout) as bar:
         for spec in bar:
@@ -77,10 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{spec.model:>9} n={spec.num_experts:<5} mean peak {result.summary['mean_bytes'] / 2**20:8.1f} "
                 f"MiB  cv {100 * result.summary['cv']:.2f}%  ({time.perf_counter() - start:.0f} s)"
             )
-    decision = write_report(runs, args.out)
-    print(markdown_table(runs, verdict(runs)))
+    report = write_report(runs, args.out, command, started, load)
+    print(markdown(report))
     print(f"wrote {args.out}/constant_memory.json, .md and .png")
-    return 0 if decision["passed"] else 1
+    page = pages.page_folder(args.out)
+    if page is not None:
+        pages.write(page)
+        print(f"wrote {page}/README.md")
+    return 0 if report["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Quick modes of the quality and throughput benchmarks (issue 6): files written, numbers sane."""
+"""Quick modes of the quality and throughput benchmarks (issue 6): files written, numbers sane; the results pages
+(issue 17): each is its JSON rendered, and follows it."""
 
 import json
 import math
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,6 +56,9 @@ def test_bench_quality_quick(tmp_path, monkeypatch):
         assert run["curve"][-1]["val/bpb"] < 8.0  # 20 steps learn something beyond a uniform byte (8 bits)
     assert set(report["goals"]) == {"n=8", "n=8 [bte]", "n=8 [exact]"}
     assert "| PragnosiaLM n=8 |" in (out / "quality.md").read_text()
+    page = (out / "README.md").read_text()  # the run went into a page's folder: the page follows it
+    assert "python scripts/bench_quality.py --quick" in page
+    assert all(f"| {run['final']['val/bpb']:.3f} |" in page for run in report["runs"])
 
 
 def test_bench_throughput_quick(tmp_path, monkeypatch):
@@ -71,6 +76,9 @@ def test_bench_throughput_quick(tmp_path, monkeypatch):
             if r["store"] == "device":
                 assert r["step_time_vs_device"] == 1.0
     assert "| 8 | GlobalMoE |" in (out / "throughput.md").read_text()
+    page = (out / "README.md").read_text()
+    assert "python scripts/bench_throughput.py --quick" in page and "Measured before" not in page
+    assert all(f"{r['tokens_per_s']:,.0f}" in page for r in results)
 
 
 def test_plans():
@@ -150,3 +158,130 @@ def test_bench_engine_quick(tmp_path, monkeypatch):
             limit = 2 if name in ("exact", "bounded") else 1
             assert 0 <= row["reads_per_touched_expert"] <= limit, row
     assert "| 8 | exact |" in (out / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ results pages
+
+RESULTS = SCRIPTS / "results"
+MIB = 2**20
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _quality_numbers(folder: Path) -> list[str]:
+    return [f"{run['final']['val/bpb']:.3f}" for path in folder.glob("**/quality.json") for run in _json(path)["runs"]]
+
+
+def _memory_numbers(folder: Path) -> list[str]:
+    return [
+        f"{r['mean_bytes'] / MIB:.1f}" for path in folder.glob("**/constant_memory.json") for r in _json(path)["runs"]
+    ]
+
+
+def _throughput_numbers(folder: Path) -> list[str]:
+    return [f"{r['tokens_per_s']:,.0f}" for path in folder.glob("**/throughput.json") for r in _json(path)["results"]]
+
+
+def _store_numbers(folder: Path) -> list[str]:
+    whole = _json(folder / "whole_process" / "peak_rss.json")
+    return _memory_numbers(folder) + [f"{kb:,}" for s in whole["samples"] for kb in s["max_rss_kb"].values()]
+
+
+def _quickstart_numbers(folder: Path) -> list[str]:
+    results = _json(folder / "quickstart.json")["results"]
+    return [f"{r['tokens_per_s']:,.0f}" for r in results] + [f"{r['val_bpb_after']:.2f}" for r in results]
+
+
+def _gpu_numbers(folder: Path) -> list[str]:
+    tests = _json(folder / "cuda_tests.json")
+    return [f"{tests['passed']} passed", *_memory_numbers(folder), *_throughput_numbers(folder)]
+
+
+PAGE_NUMBERS = {
+    "quality": _quality_numbers,
+    "constant_memory": _memory_numbers,
+    "store_memory": _store_numbers,
+    "throughput": _throughput_numbers,
+    "quickstart": _quickstart_numbers,
+    "gpu": _gpu_numbers,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAGE_NUMBERS))
+def test_results_page_is_its_json_rendered(name):
+    """The checked-in page is what its benchmark renders from the checked-in JSON (a hand edit fails here), and
+    every figure of the JSON is on it."""
+    from bench import pages
+
+    folder = RESULTS / name
+    text = pages.render(folder)
+    assert text == (folder / "README.md").read_text(), f"{name}/README.md is not its JSON rendered: re-render it"
+    assert "do not edit by hand" in text.splitlines()[2]
+    missing = [number for number in PAGE_NUMBERS[name](folder) if number not in text]
+    assert not missing, missing
+
+
+def _set(data, path: list, value):
+    for key in path[:-1]:
+        data = data[key]
+    data[path[-1]] = value
+
+
+# (page, JSON in it, where in the JSON, a new value, what the page must then say)
+CHANGES = [
+    ("quality", "engine_n32/quality.json", ["runs", 1, "final", "val/bpb"], 1.2345, "| 1.234 |"),
+    ("quality", "seed3_n32_matched/quality.json", ["runs", 0, "final", "val/bpb"], 1.6789, "| 1.679 |"),
+    ("constant_memory", "engine_quickstart/constant_memory.json", ["runs", 1, "mean_bytes"], 600.44 * MIB, "600.4"),
+    ("constant_memory", "constant_memory.json", ["runs", 0, "mean_bytes"], 512.34 * MIB, "| 512.3 |"),
+    ("store_memory", "whole_process/peak_rss.json", ["samples", 0, "max_rss_kb", "8"], 123456, "| 123,456 |"),
+    ("throughput", "throughput.json", ["results", 0, "tokens_per_s"], 12345.4, "12,345 /"),
+    ("quickstart", "quickstart.json", ["results", 0, "val_bpb_after"], 3.21, "| 3.21 |"),
+    ("gpu", "cuda_tests.json", ["passed"], 99, "99 passed"),
+    ("gpu", "throughput/throughput.json", ["results", 6, "tokens_per_s"], 98765.0, "| 98,765 |"),
+]
+
+
+@pytest.mark.parametrize(("name", "source", "path", "value", "expected"), CHANGES)
+def test_results_page_follows_its_json(tmp_path, name, source, path, value, expected):
+    """Rendered from a copy whose JSON says something else, the page says it too, and differs from the one in git."""
+    from bench import pages
+
+    folder = tmp_path / name
+    shutil.copytree(RESULTS / name, folder, ignore=shutil.ignore_patterns("*.png"))
+    data = _json(folder / source)
+    _set(data, path, value)
+    (folder / source).write_text(json.dumps(data))
+    text = pages.render(folder)
+    assert expected in text
+    assert expected not in (RESULTS / name / "README.md").read_text()
+    assert pages.write(folder).read_text() == text
+
+
+def test_engine_pages_are_their_json_rendered():
+    from bench import engine
+
+    for path in RESULTS.glob("engine/**/engine.json"):
+        assert engine.markdown(_json(path)) == (path.parent / "README.md").read_text(), path
+
+
+def test_pages_banner_follows_the_date(tmp_path):
+    """A report dated before the engine rewrite gets the banner; the same report dated after it does not."""
+    from bench import pages
+
+    folder = tmp_path / "quickstart"
+    shutil.copytree(RESULTS / "quickstart", folder)
+    assert "Measured before the engine rewrite" in pages.render(folder)
+    data = _json(folder / "quickstart.json")
+    (folder / "quickstart.json").write_text(json.dumps({**data, "date": "2026-12-02 10:00"}))
+    assert "Measured before the engine rewrite" not in pages.render(folder)
+
+
+def test_page_of_an_unknown_folder_is_an_error(tmp_path):
+    from bench import pages
+
+    with pytest.raises(ValueError, match=r"is not a results page: its name must be one of quality, constant_memory"):
+        pages.render(tmp_path / "elsewhere")
+    assert pages.page_folder(tmp_path / "throughput" / "engine") == tmp_path / "throughput"
+    assert pages.page_folder(tmp_path / "elsewhere") is None

@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from bench import report
+from bench.report import markdown_table, provenance, pyplot
 from callbacks import read_memory
 
 MODELS = ("pragnosia", "global")
@@ -282,38 +282,74 @@ def to_json(runs: list[RunResult], decision: dict) -> dict:
     return {"runs": entries, **decision}
 
 
-def markdown_table(runs: list[RunResult], decision: dict) -> str:
-    mib = 2**20
+MIB = 2**20
+LABELS = {"pragnosia": "PragnosiaLM", "global": "GlobalMoE"}
+
+
+def runs_table(report: dict) -> list[str]:
+    """The report's table (GlobalMoE first, n ascending) and its verdict."""
     header = ["model", "n experts", "mean peak (MiB)", "CV", "max peak (MiB)", "model part (MiB)", "floor (MiB)"]
-    rows = []
-    for r in sorted(runs, key=lambda r: (r.spec.model, r.spec.num_experts)):
-        s = r.summary
-        rows.append(
-            [
-                "PragnosiaLM" if r.spec.model == "pragnosia" else "GlobalMoE",
-                r.spec.num_experts,
-                f"{s['mean_bytes'] / mib:.1f}",
-                f"{100 * s['cv']:.2f}%",
-                f"{s['peak_bytes'] / mib:.1f}",
-                f"{s['model_bytes'] / mib:.1f}",
-                f"{r.floor_bytes['total'] / mib:.1f}",
-                f"{s['floor_ratio']:.2f}",
-                f"{r.tokens_per_s:,.0f}",
-            ]
-        )
-    lines = report.markdown_table([*header, "model/floor", "tokens/s"], rows, align="lrrrrrrrr")
-    checks = ", ".join(f"{name}: {'pass' if ok else 'FAIL'}" for name, ok in decision["checks"].items())
-    lines += [
-        "",
-        f"Spread of mean peak across n (max/min): {decision['spread']:.3f}; largest CV: "
-        f"{100 * decision['max_cv']:.2f}%; largest model/floor: {decision['max_floor_ratio']:.2f}.",
-        f"Checks: {checks}. Verdict: {'PASS' if decision['passed'] else 'FAIL'}.",
+    rows = [
+        [
+            LABELS[r["model"]],
+            r["num_experts"],
+            f"{r['mean_bytes'] / MIB:.1f}",
+            f"{100 * r['cv']:.2f}%",
+            f"{r['peak_bytes'] / MIB:.1f}",
+            f"{r['model_bytes'] / MIB:.1f}",
+            f"{r['floor_bytes'] / MIB:.1f}",
+            f"{r['floor_ratio']:.2f}",
+            f"{r['tokens_per_s']:,.0f}",
+        ]
+        for r in sorted(report["runs"], key=lambda r: (r["model"], r["num_experts"]))
     ]
-    return "\n".join(lines) + "\n"
+    lines = markdown_table([*header, "model/floor", "tokens/s"], rows, align="lrrrrrrrr")
+    checks = ", ".join(f"{name}: {'pass' if ok else 'FAIL'}" for name, ok in report["checks"].items())
+    return [
+        *lines,
+        "",
+        f"Spread of mean peak across n (max/min): {report['spread']:.3f}; largest CV: "
+        f"{100 * report['max_cv']:.2f}%; largest model/floor: {report['max_floor_ratio']:.2f}.",
+        f"Checks: {checks}. Verdict: {'PASS' if report['passed'] else 'FAIL'}.",
+    ]
+
+
+def settings(report: dict, store: bool = True) -> str:
+    """What every run of the report shared: widths, batch, steps, the store (unless ``store`` is false) and
+    PragnosiaLM's options."""
+    spec = report["runs"][0]["spec"]
+    ours = next((r["spec"] for r in report["runs"] if r["model"] == "pragnosia"), spec)
+    cuda = report["runs"][0]["metric"] == "cuda_peak_bytes"
+    metric = "per-step peak of allocated CUDA memory" if cuda else "per-step peak RSS (`VmHWM`, reset every step)"
+    shape = (
+        f"d = {spec['d_model']}, {spec['n_shared_layers']} trunk layers, k = {spec['num_active_experts']}, batch "
+        f"{spec['batch_size']} × {spec['block_size']}, {spec['steps']} steps of which {spec['warmup']} warm-up"
+    )
+    return (
+        shape
+        + (f", {spec['store']} store" if store else "")
+        + f"; PragnosiaLM: {recipe(ours)}. Metric: {metric}, mean and max over the steps after warm-up, each run its "
+        "own process."
+    )
+
+
+def recipe(spec: dict) -> str:
+    """PragnosiaLM's options in a run (over the package's defaults)."""
+    options = {"expert_slots": spec["expert_slots"], "router": spec["router"], **spec.get("pragnosia", {})}
+    slots = options.pop("expert_slots")
+    if spec.get("per_token"):  # the option of the old engine's script: expert_slots = n
+        slots = None
+    parts = ["no cap on experts per step" if slots is None else f"S = {slots}", f"cache {spec['expert_cache']}"]
+    return ", ".join([*parts, *(f"{key} {value}" for key, value in options.items())])
+
+
+def markdown(report: dict) -> str:
+    """``constant_memory.md``: the report's table and verdict."""
+    return "\n".join(runs_table(report)) + "\n"
 
 
 def plot(runs: list[RunResult], path: Path) -> None:
-    plt = report.pyplot()
+    plt = pyplot()
     mib = 2**20
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for model, label, color in (
@@ -349,13 +385,23 @@ def plot(runs: list[RunResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(runs: list[RunResult], out_dir: Path) -> dict:
-    decision = verdict(runs)
+def write_report(
+    runs: list[RunResult], out_dir: Path, command: str = "", started: float | None = None, load: float | None = None
+) -> dict:
+    """``constant_memory.json`` (the runs, the verdict, the command, machine and start date; ``load``: the load
+    average as the runs started), then ``.md`` and ``.png``."""
+    device = torch.cuda.get_device_name() if runs[0].metric == "cuda_peak_bytes" else ""
+    result = {
+        "benchmark": "constant_memory",
+        **provenance(command, load, device),
+        "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(started)),
+        **to_json(runs, verdict(runs)),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "constant_memory.json").write_text(json.dumps(to_json(runs, decision), indent=2))
-    (out_dir / "constant_memory.md").write_text(markdown_table(runs, decision))
+    (out_dir / "constant_memory.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "constant_memory.md").write_text(markdown(result))
     plot(runs, out_dir / "constant_memory.png")
-    return decision
+    return result
 
 
 def _child(spec_json: str, out_path: str) -> None:

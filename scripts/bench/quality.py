@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.recipes import method_options, record_bpb, text_domains
-from bench.report import markdown_table, pyplot, report_header
+from bench.report import load_average, markdown_table, pyplot, report_header
 
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
 # Every PragnosiaLM recipe of the benchmark: name -> (config file, overrides, why each override).
@@ -351,7 +351,7 @@ def fit_budget(
     return run, budget
 
 
-def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
+def run_quality(config: QualityConfig, out_dir: str | Path, log=print, command: str = "") -> dict:
     """Run the benchmark and write ``quality.json``, ``quality.md``, ``curves.png`` and ``curve_<run>.png``."""
     import torch
 
@@ -360,7 +360,7 @@ def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     runs = plan_runs(config)
-    started = time.time()
+    started, load = time.time(), load_average()
     with tempfile.TemporaryDirectory(prefix="pragnosia-quality-") as root:
         data = make_datamodule(config)
         steps, budget = config.steps, None
@@ -381,7 +381,7 @@ def run_quality(config: QualityConfig, out_dir: str | Path, log=print) -> dict:
             results.append(result)
         summary = data.summary()
     report = {
-        **report_header("quality", started, config),
+        **report_header("quality", started, config, command, load),
         "steps": steps,
         "tokens_per_model": steps * config.batch_size * config.block_size,
         "time_budget": budget,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.recipes import method_options, text_domains
-from bench.report import markdown_table, report_header
+from bench.report import load_average, markdown_table, provenance, report_header
 
 STORE_KINDS = ("device", "host", "disk")
 
@@ -315,7 +315,7 @@ def add_ratios(results: list[dict], contenders: list[Contender]) -> None:
             result["speed_vs_global_moe"] = statistics.median(b / a for a, b in zip(own, moe))
 
 
-def run_throughput(config: ThroughputConfig, out_dir: str | Path, log=print) -> dict:
+def run_throughput(config: ThroughputConfig, out_dir: str | Path, log=print, command: str = "") -> dict:
     """Run the benchmark and write ``throughput.json`` and ``throughput.md`` to ``out_dir``."""
     import torch
 
@@ -323,14 +323,14 @@ def run_throughput(config: ThroughputConfig, out_dir: str | Path, log=print) -> 
     out.mkdir(parents=True, exist_ok=True)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    started = time.time()
+    started, load = time.time(), load_average()
     batches = draw_batches(config, (config.warmup_rounds + config.rounds) * config.window_steps)
     results = []
     with tempfile.TemporaryDirectory(prefix="pragnosia-throughput-") as root:
         for n in config.num_experts:
             results += run_group(config, n, batches, root, log)
     report = {
-        **report_header("throughput", started, config),
+        **report_header("throughput", started, config, command, load),
         "tokens_per_step": config.tokens_per_step,
         "results": results,
         "goals": throughput_goals(results),
@@ -357,7 +357,6 @@ def throughput_goals(results: list[dict], max_store_ratio: float = 1.15, min_n_f
 
 def throughput_markdown(report: dict) -> str:
     config = report["config"]
-    goals = report["goals"]
     lines = [
         "# Throughput: training tokens/s by expert store and cache",
         "",
@@ -393,22 +392,90 @@ def throughput_markdown(report: dict) -> str:
         for r in report["results"]
     ]
     lines += markdown_table(header, rows)
-    lines += [
-        "",
+    return "\n".join([*lines, "", *goal_lines(report), ""])
+
+
+def goal_lines(report: dict) -> list[str]:
+    """The benchmark's two goals, met or not."""
+    goals = report["goals"]
+    faster = goals["faster_than_global_moe"]
+    return [
         f"- host/disk step time ≤ {goals['max_store_ratio']} × device: "
         f"{'yes' if goals['stores_within'] else '**no**'} (worst {goals['worst_store_ratio']:.3f})",
         "- PragnosiaLM ≥ GlobalMoE speed at n ≥ 64: "
-        + ("n/a" if goals["faster_than_global_moe"] is None else "yes" if goals["faster_than_global_moe"] else "**no**")
+        + ("n/a" if faster is None else "yes" if faster else "**no**")
         + f" (slowest ratio {goals['min_speed_vs_global_moe_at_n_ge_64']:.2f})",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def summary_table(report: dict) -> list[str]:
+    """One row per n: PragnosiaLM's tokens/s by store for each cache, the range of the stores' step-time ratios to the
+    device store's, GlobalMoE's tokens/s and the range of PragnosiaLM's speed ratios to it."""
+    stores = report["config"]["stores"]
+    rows = []
+    for n in sorted({r["num_experts"] for r in report["results"]}):
+        ours = [r for r in report["results"] if r["num_experts"] == n and r["store"]]
+        moe = next((r for r in report["results"] if r["num_experts"] == n and not r["store"]), None)
+        by_cache = [
+            " / ".join(f"{r['tokens_per_s']:,.0f}" for r in ours if r["expert_cache"] == cache) + f" (cache {cache})"
+            for cache in sorted({r["expert_cache"] for r in ours})
+        ]
+        store_ratios = [r["step_time_vs_device"] for r in ours if r["store"] != "device" and "step_time_vs_device" in r]
+        moe_ratios = [r["speed_vs_global_moe"] for r in ours if "speed_vs_global_moe" in r]
+        rows.append(
+            [n, "; ".join(by_cache), _span(store_ratios), "" if moe is None else f"{moe['tokens_per_s']:,.0f}"]
+            + [_span(moe_ratios)]
+        )
+    header = ["n", f"PragnosiaLM tokens/s ({' / '.join(stores)} store)", "step time ÷ device store's"]
+    return markdown_table([*header, "GlobalMoE tokens/s", "PragnosiaLM speed ÷ GlobalMoE's"], rows, align="rllrl")
+
+
+def _span(values: list[float]) -> str:
+    return "" if not values else f"{min(values):.2f}–{max(values):.2f}"
+
+
+def trend_lines(report: dict) -> list[str]:
+    """PragnosiaLM's tokens/s (first store, smallest cache) and GlobalMoE's from the smallest n to the largest."""
+    ns = sorted({r["num_experts"] for r in report["results"]})
+    if len(ns) < 2:
+        return []
+    store = report["config"]["stores"][0]
+    ours: dict[int, dict] = {}
+    for r in report["results"]:
+        if r["store"] == store and r["expert_cache"] < ours.get(r["num_experts"], {}).get("expert_cache", math.inf):
+            ours[r["num_experts"]] = r
+    moe = {r["num_experts"]: r for r in report["results"] if not r["store"]}
+    cache = min(r["expert_cache"] for r in ours.values())
+    line = f"- From n = {ns[0]:,} to {ns[-1]:,}: PragnosiaLM ({store} store, cache {cache}) " + " → ".join(
+        f"{ours[n]['tokens_per_s']:,.0f}" for n in ns if n in ours
+    )
+    if moe:
+        line += " tokens/s, GlobalMoE " + " → ".join(f"{moe[n]['tokens_per_s']:,.0f}" for n in ns if n in moe)
+    faster = [n for n in ns if n in moe and n in ours and moe[n]["tokens_per_s"] > ours[n]["tokens_per_s"]]
+    return [line + " tokens/s" + (f"; GlobalMoE is faster at n = {', '.join(map(str, faster))}." if faster else ".")]
+
+
+def slow_step_notes(report: dict, ratio: float = 1.25) -> list[str]:
+    """Contenders whose mean step (what tokens/s uses) is ``ratio`` × their median step or more: a few slow steps."""
+    return [
+        f"- {r['label']}: tokens/s from its mean step, {r['step_ms_mean']:.1f} ms, pulled up by a few slow steps; its "
+        f"median step is {r['step_ms_median']:.1f} ms (the ratio columns use per-round medians)."
+        for r in report["results"]
+        if r["step_ms_mean"] >= ratio * r["step_ms_median"]
+    ]
 
 
 def profile_step(
-    config: ThroughputConfig, num_experts: int, store: str, expert_cache: int, steps: int = 6, row_limit: int = 30
-) -> str:
-    """``torch.profiler`` table (self CPU time) of ``steps`` training steps of one ``PragnosiaLM`` contender."""
+    config: ThroughputConfig,
+    num_experts: int,
+    store: str,
+    expert_cache: int,
+    steps: int = 6,
+    row_limit: int = 30,
+    command: str = "",
+) -> tuple[str, dict]:
+    """``torch.profiler`` table (self CPU time) of ``steps`` training steps of one ``PragnosiaLM`` contender, and its
+    report (the ``row_limit`` ops of most self CPU time: share of self CPU time, of CPU time, calls)."""
     import torch
     from lightning.pytorch import Callback, seed_everything
     from torch.profiler import ProfilerActivity, profile
@@ -439,4 +506,57 @@ def profile_step(
         trainer = timing_trainer(len(batches), root, profiled)
         trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
         model.store.close()
-    return profiled.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit)
+    events = profiled.prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ops = [
+        {
+            "name": e.key,
+            "self_cpu_percent": 100 * e.self_cpu_time_total / total,
+            "cpu_total_percent": 100 * e.cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:row_limit]
+    ]
+    report = {
+        "benchmark": "throughput_profile",
+        **provenance(command),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "num_experts": num_experts,
+        "store": store,
+        "expert_cache": expert_cache,
+        "steps": steps,
+        "self_cpu_ms_total": total / 1e3,
+        "ops": ops,
+    }
+    return events.table(sort_by="self_cpu_time_total", row_limit=row_limit), report
+
+
+# What a profile's summary adds up: each group's ops are those whose name contains one of its words.
+PROFILE_GROUPS = {
+    "matrix multiplies": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention": ("scaled_dot_product",),
+    "GELU": ("gelu",),
+    "copies": ("aten::copy_",),
+    "AdamW": ("AdamW",),
+    "kernel launches": ("cudaLaunchKernel",),
+}
+
+
+def profile_lines(profile: dict, top: int = 8) -> list[str]:
+    """A profile report's ops of most self CPU time, and the share of each of :data:`PROFILE_GROUPS`."""
+    steps = profile["steps"]
+    rows = [
+        [f"`{op['name']}`", f"{op['self_cpu_percent']:.1f}%", f"{op['calls'] / steps:,.0f}"]
+        for op in profile["ops"][:top]
+    ]
+    shares = []
+    for group, words in PROFILE_GROUPS.items():
+        ops = [op for op in profile["ops"] if any(word in op["name"] for word in words)]
+        if ops:
+            share = sum(op["self_cpu_percent"] for op in ops)
+            shares.append(f"{group} {share:.1f}% ({sum(op['calls'] for op in ops) / steps:,.0f} calls per step)")
+    return [
+        f"Self CPU time of {steps} steps ({profile['self_cpu_ms_total']:.0f} ms in all): " + ", ".join(shares) + ".",
+        "",
+        *markdown_table(["op", "self CPU", "calls per step"], rows, align="lrr"),
+    ]
