@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bench.continual import (
+    DEFAULT_VARIANTS,
     PLAIN,
     RECIPE_FILE,
     ContinualConfig,
@@ -17,6 +18,7 @@ from bench.continual import (
     continual_goals,
     figures_of,
     make_datamodule,
+    markdown,
     plan_runs,
     train_model,
 )
@@ -30,6 +32,7 @@ from pragnosia_pl.router import Router
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PROTECTED = "experts_per_domain: 2"
+RESULTS = SCRIPTS / "results" / "continual"
 
 
 def protected_model(tiny, experts_per_domain: int = 3) -> PragnosiaLM:
@@ -201,6 +204,13 @@ def test_bench_continual_quick(tmp_path, monkeypatch):
         assert f"| {run['label']} | {figures['average_final']:.3f} |" in page
         if run["kind"] != "joint":
             assert f"| {figures['forgetting']:+.3f} | {figures['bwt']:+.3f} |" in page
+
+
+def test_the_results_page_is_rendered_from_its_json():
+    report = json.loads((RESULTS / "continual.json").read_text())
+    assert (RESULTS / "README.md").read_text() == markdown(report)
+    assert report["command"] == "python scripts/bench_continual.py"
+    assert {run["variant"] for run in report["runs"] if run["kind"] == "pragnosia"} == set(DEFAULT_VARIANTS)
 
 
 def test_figures_and_goals_match_a_hand_computed_example():
