@@ -5,6 +5,7 @@ python scripts/bench_continual.py                       # full run, writes scrip
 python scripts/bench_continual.py --quick --out /tmp/c  # seconds: tiny widths, 4 steps per stage
 python scripts/bench_continual.py --variants "experts_per_domain: 8" --baselines global_moe
 python scripts/bench_continual.py --variant-json '{"m=4": {"experts_per_domain": 4}}'
+python scripts/bench_continual.py --report-only          # re-render README.md and heatmaps.png from the JSON
 
 Writes continual.json, then README.md (the results page) and heatmaps.png from it.
 """
@@ -21,13 +22,14 @@ from pathlib import Path
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.continual import BASELINES, ContinualConfig, run_continual  # noqa: E402
+from bench.continual import BASELINES, ContinualConfig, run_continual, write_report  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny widths, 4 steps per stage (what the test runs)")
     parser.add_argument("--out", default="scripts/results/continual", help="output folder")
+    parser.add_argument("--report-only", action="store_true", help="only re-render the page from OUT/continual.json")
     parser.add_argument(
         "--variants", nargs="*", help="PragnosiaLM variants, by label (default: all; none: only --variant-json)"
     )
@@ -44,6 +46,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_report(json.loads(Path(args.out, "continual.json").read_text()), Path(args.out))
+        return
     overrides = {
         key: value
         for key, value in dict(

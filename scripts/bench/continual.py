@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.recipes import method_options, text_domains
-from bench.report import markdown_table, pyplot, report_header
+from bench.report import load_average, markdown_table, page_header, pyplot, report_header, run_lines
 
 BASELINES = ("global_moe", "dense", "joint")
 LICENSES_DIR = "/usr/share/common-licenses"
@@ -350,7 +350,7 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, command: str = "
     out.mkdir(parents=True, exist_ok=True)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    started = time.time()
+    started, load = time.time(), load_average()
     results = []
     with tempfile.TemporaryDirectory(prefix="pragnosia-continual-") as root:
         data = make_datamodule(config)
@@ -368,8 +368,7 @@ def run_continual(config: ContinualConfig, out_dir: str | Path, command: str = "
             results.append(result)
         summary = data.summary()
     report = {
-        **report_header("continual", started, config),
-        "command": command,
+        **report_header("continual", started, config, command=command, load=load),
         "recipe": method_options(RECIPE_FILE),
         "tokens_per_model": config.steps_per_stage * len(config.schedule) * config.batch_size * config.block_size,
         "data": summary,
@@ -402,16 +401,17 @@ def markdown(report: dict[str, Any]) -> str:
     config, recipe = report["config"], report["recipe"]
     schedule = config["schedule"]
     lines = [
-        "# Continual learning: domains in sequence, no replay (issue 7)",
-        "",
-        "Written by `scripts/bench_continual.py` from `continual.json`; do not edit by hand.",
-        "",
-        f"- Command: `{report['command']}`",
-        f"- Machine: {report['machine']}; started {report['date']}, {report['wall_minutes']:.0f} min wall.",
-        f"- Schedule {' → '.join(schedule)}, {config['steps_per_stage']} steps each "
-        f"({report['tokens_per_model']:,} tokens per model), batch {config['batch_size']} × {config['block_size']} "
-        f"bytes, seed {config['seed']}; every model d = {config['d_model']}, {config['n_shared_layers']} trunk "
-        f"layers, k = {config['num_active_experts']}, n = {config['num_experts']}, shared AdamW lr {config['lr']}.",
+        *page_header(
+            "Continual learning: domains in sequence, no replay (issue 7)",
+            "scripts/bench_continual.py",
+            ["continual.json"],
+        ),
+        *run_lines(report),
+        f"- {report['wall_minutes']:.0f} min wall in all. Schedule {' → '.join(schedule)}, "
+        f"{config['steps_per_stage']} steps each ({report['tokens_per_model']:,} tokens per model), batch "
+        f"{config['batch_size']} × {config['block_size']} bytes, seed {config['seed']}; every model d = "
+        f"{config['d_model']}, {config['n_shared_layers']} trunk layers, k = {config['num_active_experts']}, n = "
+        f"{config['num_experts']}, shared AdamW lr {config['lr']}.",
         f"- PragnosiaLM: `configs/{RECIPE_FILE}`'s model section ({_options(recipe)}) with each variant's "
         f"overrides, {config['store']} store; the joint reference is the `{config['joint_variant']}` variant on all "
         "domains mixed.",
