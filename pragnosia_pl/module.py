@@ -48,6 +48,9 @@ class PragnosiaLM(LanguageModel):
       the experts' inputs: global backpropagation through the MoE, one expert at a time, equal to ``GlobalMoE``
       with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``). Two store reads per touched expert.
 
+    A step whose loss or gradient is NaN/inf skips that update (an expert's record is not written, the shared
+    parameters keep their values); after :data:`MAX_NONFINITE` consecutive such steps training stops.
+
     Args:
         d_model: width d.
         n_shared_layers: causal trunk blocks.
@@ -83,9 +86,6 @@ class PragnosiaLM(LanguageModel):
             were at its end; evaluation averages the domains' models by their posterior given the prefix. Domain
             switches come from ``on_domain_switch`` (``callbacks.DomainSwitcher`` calls it). ``None``: one set of
             experts and shared parts for all data (DESIGN §3 as written).
-
-    A step whose loss or gradient is NaN/inf skips that update (an expert's record is not written, the shared
-    parameters keep their values); after :data:`MAX_NONFINITE` consecutive such steps training stops.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.

@@ -568,7 +568,7 @@ def test_non_finite_local_update_is_skipped_counted_and_not_written(tiny, tmp_pa
     assert model.skipped_expert_updates == 2 and len(model.store.materialized_ids()) > 0
 
 
-def test_non_finite_shared_loss_skips_the_shared_step_and_stops_after_max_nonfinite(tiny, tmp_path, monkeypatch):
+def test_non_finite_shared_loss_skips_the_shared_step_and_a_streak_stops_the_run(tiny, tmp_path, monkeypatch):
     assert module.MAX_NONFINITE == 20
     monkeypatch.setattr(module, "MAX_NONFINITE", 3)
     model = PragnosiaLM(**tiny, num_experts=4, num_active_experts=2, store="host", balance_coef=float("nan"))
