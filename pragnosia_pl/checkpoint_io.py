@@ -54,7 +54,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     When a checkpoint is removed (``ModelCheckpoint``'s ``save_top_k``) or written over (``last.ckpt``), the
     snapshot it named is removed too unless one of its holders still names it. Both happen only once the new
     checkpoint is on disk, so the last good checkpoint keeps its snapshot until then. A snapshot without a holders
-    file (written under another ``CheckpointIO``) is never removed, nor is one a damaged checkpoint may name.
+    file (written under another ``CheckpointIO``) is never removed, nor is one a damaged checkpoint may name. A copy
+    of a checkpoint file made outside Lightning is no holder: save one with ``trainer.save_checkpoint`` instead.
 
     ``pragnosia fit`` installs it unless the configuration names another ``CheckpointIO``; under any other, every
     snapshot is kept.
