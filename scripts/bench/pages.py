@@ -294,6 +294,7 @@ def throughput_section(report: dict[str, Any], title: str, link: str, options: s
     """A ``bench_throughput.py`` report: its protocol, command, machine, summary table and goals (``options``: as in
     :func:`memory_section`)."""
     config = report["config"]
+    recipe = f"; every PragnosiaLM trains `configs/{config['recipe']}`'s method" if "recipe" in config else ""
     return [
         f"## {title}",
         "",
@@ -302,10 +303,11 @@ def throughput_section(report: dict[str, Any], title: str, link: str, options: s
         "",
         f"d = {config['d_model']}, {config['n_shared_layers']} trunk layers, k = {config['num_active_experts']}, "
         f"batch {config['batch_size']} × {config['block_size']} bytes, {config['threads'] or 'default'} torch "
-        f"thread(s). All contenders of one n in one process, taking turns over {config['rounds']} timed rounds of "
-        f"{config['window_steps'] - config['skip_steps']} steps on the same batches (after {config['warmup_rounds']} "
-        "warm-up round), so every ratio is measured in the same run; ratios are medians of per-round ratios; stores "
-        f"start with every record written. Full table: [{link}throughput.md]({link}throughput.md).",
+        f"thread(s){recipe}. All contenders of one n in one process, taking turns over {config['rounds']} timed "
+        f"rounds of {config['window_steps'] - config['skip_steps']} steps on the same batches (after "
+        f"{config['warmup_rounds']} warm-up round), so every ratio is measured in the same run; ratios are medians "
+        "of per-round ratios; stores start with every record written. Full table: "
+        f"[{link}throughput.md]({link}throughput.md).",
         "",
         *throughput.summary_table(report),
         "",
@@ -355,7 +357,11 @@ def throughput_page(folder: Path) -> list[str]:
         sources + [p.name for p in profiles],
     )
     for name, report in reports:
-        title = "Before the engine rewrite" if before_engine_rewrite(report) else f"Measured {_date(report)}"
+        title = (
+            "Before the engine rewrite"
+            if before_engine_rewrite(report)
+            else f"The expert-major engine, {_date(report)}"
+        )
         lines += throughput_section(report, title, f"{name}/" if name else "", _old_options(report["config"]))
     for path in profiles:
         lines += profile_section(load(path), folder, path)
