@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from bench.report import machine_description
+from bench.report import machine_description, page_header
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # name: (config file, PragnosiaLM overrides); None: GlobalMoE
@@ -236,8 +236,7 @@ def markdown(report: dict) -> str:
     config = report["config"]
     ran = {r["recipe"] for r in report["results"]}
     lines = [
-        "# Engine step time (issue 15)",
-        "",
+        *page_header("Engine step time (issue 15)", "python scripts/bench_engine.py", ["engine.json"]),
         f"`{report.get('command') or 'python scripts/bench_engine.py'}`",
         "",
         f"{report['date']}, {report['machine']}. Batch {config['batch_size']}×{config['block_size']} bytes, disk "
