@@ -5,9 +5,16 @@ DataModule only through small optional hooks (``memory_stats()``, ``on_domain_sw
 ``set_domain(name)``, ``val_domain_names``).
 """
 
-from ._memory import read_memory
+from ._memory import process_peak_rss, read_memory
 from .domain_switcher import DomainSwitcher
 from .memory_guard import ConstantMemoryGuard, MemoryGrowthError
 from .memory_monitor import MemoryMonitor
 
-__all__ = ["ConstantMemoryGuard", "DomainSwitcher", "MemoryGrowthError", "MemoryMonitor", "read_memory"]
+__all__ = [
+    "ConstantMemoryGuard",
+    "DomainSwitcher",
+    "MemoryGrowthError",
+    "MemoryMonitor",
+    "process_peak_rss",
+    "read_memory",
+]

@@ -7,6 +7,10 @@ are the peaks *within* the step:
 - Host: ``VmRSS`` (current) and ``VmHWM`` (peak) from ``/proc/self/status``; the peak is reset by writing
   ``5`` to ``/proc/self/clear_refs`` (Linux). Elsewhere the peak falls back to ``resource.getrusage``,
   which cannot be reset: it is the peak of the whole process so far, and no current RSS is reported.
+
+Resetting ``VmHWM`` resets the kernel's peak for the whole process: after it, ``getrusage``'s ``ru_maxrss`` and
+``/usr/bin/time``'s "Maximum resident set size" report the peak since the last reset only. :func:`reset_host_peak`
+therefore keeps the peak it is about to clear, and :func:`process_peak_rss` returns the process's lifelong peak.
 """
 
 from __future__ import annotations
@@ -47,8 +51,22 @@ def _getrusage_peak() -> float | None:
     return float(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, kB on Linux
 
 
+_cleared_peak = 0.0  # the largest VmHWM a reset has cleared: the process's peak before the current window
+
+
+def process_peak_rss() -> float | None:
+    """The process's peak RSS over its whole life, in bytes, whatever peak windows were reset in between
+    (``None`` where neither ``/proc/self/status`` nor ``getrusage`` is available)."""
+    peaks = [_proc_status().get("VmHWM"), _getrusage_peak(), _cleared_peak or None]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
 def reset_host_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS; ``False`` where the OS does not allow it (the peak is then lifelong)."""
+    """Reset ``VmHWM`` to the current RSS (keeping the cleared peak for :func:`process_peak_rss`); ``False`` where
+    the OS does not allow it (the peak is then lifelong)."""
+    global _cleared_peak
+    _cleared_peak = max(_cleared_peak, _proc_status().get("VmHWM", 0.0))
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")

@@ -43,6 +43,9 @@ class MemoryMonitor(Callback):
     The raw readings stay in :attr:`history`: bytes (``rss_bytes``, ``peak_rss_bytes``, ``cuda_peak_bytes``,
     ...) and the module's counters as ``memory_stats()`` returned them (running totals).
 
+    Resetting the host peak resets the kernel's peak of the whole process: ``getrusage`` and ``/usr/bin/time``
+    then report the peak since the last step only. ``callbacks.process_peak_rss()`` returns the lifelong peak.
+
     Args:
         every_n_steps: measure every this many training batches.
         prefix: prepended to every logged key.

@@ -134,6 +134,24 @@ def test_host_peak_is_reset_each_step():
     assert after["peak_rss_bytes"] < during["peak_rss_bytes"] - 32 * MIB  # the 64 MiB peak was forgotten
 
 
+@linux_only
+def test_process_peak_survives_the_per_step_resets():
+    """Resetting VmHWM resets the kernel's peak for the process (getrusage, /usr/bin/time); process_peak_rss()
+    still returns the lifelong peak."""
+    import resource
+
+    from callbacks import process_peak_rss
+
+    cpu = torch.device("cpu")
+    _memory.reset_peak(cpu)
+    block = torch.ones(64 * MIB)  # 256 MiB, touched
+    high = _memory.read_memory(cpu)["peak_rss_bytes"]
+    del block
+    _memory.reset_peak(cpu)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 < high - 128 * MIB  # the kernel forgot it
+    assert process_peak_rss() >= high - 4 * MIB  # (VmHWM is updated lazily: a few pages either way)
+
+
 @pytest.mark.cuda
 @cuda
 def test_monitor_reads_cuda_memory(tmp_path):
