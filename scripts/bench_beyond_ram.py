@@ -10,6 +10,7 @@ is deleted at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -17,10 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.beyond_ram import BeyondRamConfig, run  # noqa: E402
+from bench.beyond_ram import BeyondRamConfig, run, write_page  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None  # tests call main(argv) and keep their own allocator
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, help="number of experts (default 2816)")
@@ -33,7 +35,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-store", action="store_true", help="do not delete the store at the end")
     parser.add_argument("--out", type=Path, help="default scripts/results/beyond_ram (quick: required)")
     parser.add_argument("--quick", action="store_true", help="a tiny store, 3 steps (for tests)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's dynamic mmap threshold (by default the run restarts with MALLOC_MMAP_THRESHOLD_=1048576, "
+        "so that freed activation buffers go back to the system)",
+    )
+    parser.add_argument("--report-only", action="store_true", help="re-render OUT/README.md from its JSON")
     args = parser.parse_args(argv)
+    out = args.out or Path(__file__).resolve().parent / "results" / "beyond_ram"
+    if args.report_only:
+        write_page(out)
+        return
+    if not args.default_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ and from_command_line:
+        # glibc reads it at start-up: run again with it set
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
+        os.execve(sys.executable, [sys.executable, __file__, *argv], env)
     if args.quick and args.out is None:
         parser.error("--quick needs --out (it would overwrite the real results)")
     changes = {
@@ -51,7 +68,6 @@ def main(argv: list[str] | None = None) -> None:
         if value is not None
     }
     config = BeyondRamConfig.quick(**changes) if args.quick else BeyondRamConfig(**changes)
-    out = args.out or Path(__file__).resolve().parent / "results" / "beyond_ram"
     store_dir = Path(config.store_dir) if config.store_dir else out / "store"
     needed = config.num_experts * (3 * (2 * config.d_model * config.expert_hidden + config.expert_hidden))
     needed = needed * 4 + config.probe_bytes

@@ -2,6 +2,7 @@
 (never lazily) during it, figures in the JSON and the page written from it, the store deleted afterwards."""
 
 import json
+from pathlib import Path
 
 import pytest
 from bench_beyond_ram import main  # scripts/ is on the path (conftest.py)
@@ -31,3 +32,22 @@ def test_quick_run_reads_every_record_from_the_file_and_deletes_the_store(tmp_pa
 def test_quick_needs_an_out_folder():
     with pytest.raises(SystemExit):
         main(["--quick"])
+
+
+def test_checked_in_pages_are_their_json_rendered(tmp_path):
+    """The results pages are written from their JSON (a hand edit of a page, or of a JSON without re-rendering, fails
+    here); the allocator comparison on the main page comes from the default-allocator run's JSON."""
+    import shutil
+
+    from bench.beyond_ram import render, write_page
+
+    results = Path(__file__).resolve().parents[1] / "scripts" / "results" / "beyond_ram"
+    for folder in (results, results / "default_malloc"):
+        copy = tmp_path / folder.relative_to(results.parent)
+        shutil.copytree(folder, copy, dirs_exist_ok=True)
+        write_page(copy)
+        assert (copy / "README.md").read_text() == (folder / "README.md").read_text(), folder
+    main_run = json.loads((results / "beyond_ram.json").read_text())
+    default = json.loads((results / "default_malloc" / "beyond_ram.json").read_text())
+    page = render(main_run, default)
+    assert f"whole-process peak RSS {default['whole_process_peak_rss_bytes'] / 2**20:,.0f} MiB" in page
