@@ -211,9 +211,10 @@ def whole_process_section(report: dict[str, Any]) -> list[str]:
     header = ["run", *(f"n = {n:,}" for n in ns), "largest n / smallest"]
     smallest = [sample["max_rss_kb"][str(ns[0])] for sample in report["samples"] if str(ns[0]) in sample["max_rss_kb"]]
     return [
-        "## Whole-process peak RSS against n",
+        f"## {report.get('title', 'Whole-process peak RSS against n')}",
         "",
         *engine_banner([report]),
+        *([report["caveat"], ""] if "caveat" in report else []),
         f"- Command, with N = {', '.join(f'{n:,}' for n in ns)}: `{report['command']}`",
         *run_lines({**report, "command": ""}),
         "",
@@ -244,17 +245,18 @@ def stores_table(disk: dict[str, Any], host: dict[str, Any]) -> list[str]:
 def store_memory_page(folder: Path) -> list[str]:
     """Whole-process RSS (``whole_process/peak_rss.json``), the disk and host stores side by side (``disk/``,
     ``host/``), then every other ``constant_memory.json`` here."""
-    whole = folder / "whole_process" / "peak_rss.json"
+    # the lifelong peak first, then the older measurement of the peak since the last step
+    wholes = sorted(
+        (folder / "whole_process").glob("*peak_rss.json"), key=lambda path: not path.name.startswith("lifelong")
+    )
     memory = dict(reports_under(folder, "constant_memory.json"))
-    sources = (["whole_process/peak_rss.json"] if whole.is_file() else []) + [
-        f"{name}/constant_memory.json" for name in memory
-    ]
+    sources = [f"whole_process/{path.name}" for path in wholes] + [f"{name}/constant_memory.json" for name in memory]
     lines = page_header(
         "Disk and host stores: memory against the number of experts",
         CM_COMMAND.replace("--report-only", "--report-only --out scripts/results/store_memory"),
         sources,
     )
-    if whole.is_file():
+    for whole in wholes:
         lines += whole_process_section(load(whole))
     disk, host = memory.pop("disk", None), memory.pop("host", None)
     if disk and host:
