@@ -43,7 +43,8 @@ def test_import_works_without_pragnosia_pl():
         "MemoryMonitor(); ConstantMemoryGuard(); DomainSwitcher([{'domain': 'a', 'epochs': 1}])\n"
         "assert issubclass(MemoryGrowthError, RuntimeError)\n"
         "assert sorted(callbacks.__all__) == "
-        "['ConstantMemoryGuard', 'DomainSwitcher', 'MemoryGrowthError', 'MemoryMonitor', 'read_memory']\n"
+        "['ConstantMemoryGuard', 'DomainSwitcher', 'MemoryGrowthError', 'MemoryMonitor', 'process_peak_rss', "
+        "'read_memory']\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
