@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.recipes import record_bpb, text_domains
+from bench.recipes import step_recorder, text_domains
 
 SCRIPTS = Path(__file__).resolve().parents[1]
 PROBE_CHUNK = 8 * 2**20
@@ -179,36 +179,6 @@ def fill_store(store, log=print) -> dict[str, float]:
     return {"seconds": seconds, "bytes": float(store.num_experts * store.record_bytes)}
 
 
-def _step_recorder():
-    from lightning.pytorch import Callback
-    from typing_extensions import override
-
-    class StepRecorder(Callback):
-        """Seconds and training loss of every step, bpb of every validation."""
-
-        def __init__(self) -> None:
-            self.step_seconds: list[float] = []
-            self.loss: list[float] = []
-            self.curve: list[dict[str, float]] = []
-            self._start = 0.0
-
-        @override
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-            self._start = time.perf_counter()
-
-        @override
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-            self.step_seconds.append(time.perf_counter() - self._start)
-            self.loss.append(float(trainer.callback_metrics["train/loss"]))
-
-        @override
-        def on_validation_end(self, trainer, pl_module) -> None:
-            if not trainer.sanity_checking:
-                record_bpb(self.curve, trainer)
-
-    return StepRecorder()
-
-
 def _store_delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     keys = ("reads", "writes", "lazy_reads", "file_bytes_read", "bytes_written", "read_seconds", "write_seconds")
     return {key: after[key] - before[key] for key in keys}
@@ -253,7 +223,8 @@ def run(config: BeyondRamConfig, out: Path, command: str = "", log=print) -> dic
     result["store"]["file_bytes_allocated"] = store.stats()["file_bytes_allocated"]
     result["page_cache_dropped"] = _drop_page_cache()
 
-    monitor, recorder = MemoryMonitor(), _step_recorder()
+    tokens_per_step = config.batch_size * config.block_size
+    monitor, recorder = MemoryMonitor(), step_recorder(tokens_per_step)
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
@@ -279,7 +250,7 @@ def run(config: BeyondRamConfig, out: Path, command: str = "", log=print) -> dic
     store.synchronize()
     io = _store_delta(store.stats(), stats_before)
     train_seconds = sum(recorder.step_seconds)
-    tokens = len(recorder.step_seconds) * config.batch_size * config.block_size
+    tokens = len(recorder.step_seconds) * tokens_per_step
     updates = [0.0] + [row["expert_updates"] for row in monitor.history]
     result["training"] = {
         "steps": trainer.global_step,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from bench.engine import CONFIGS, model_options
@@ -13,7 +14,15 @@ BENCHMARK_KEYS = frozenset(
     | {"store", "store_dir"}
 )
 
-__all__ = ["BENCHMARK_KEYS", "CONFIGS", "method_options", "model_options", "record_bpb", "text_domains"]
+__all__ = [
+    "BENCHMARK_KEYS",
+    "CONFIGS",
+    "method_options",
+    "model_options",
+    "record_bpb",
+    "step_recorder",
+    "text_domains",
+]
 
 
 def method_options(config_file: str) -> dict[str, Any]:
@@ -49,3 +58,51 @@ def record_bpb(curve: list[dict[str, Any]], trainer: Any, **extra: Any) -> None:
         curve[-1] = point
     else:
         curve.append(point)
+
+
+def _now(device) -> float:
+    import torch
+
+    if device.type == "cuda":  # the step's kernels are queued, not done, when the hook runs
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def step_recorder(tokens_per_step: int):
+    """A callback that records the seconds and ``train/loss`` of every training step, the seconds of every
+    validation, and ``val/bpb`` of every validation (a learning curve, with the tokens seen)."""
+    from lightning.pytorch import Callback
+    from typing_extensions import override
+
+    class Recorder(Callback):
+        """See :func:`step_recorder`."""
+
+        def __init__(self) -> None:
+            self.step_seconds: list[float] = []
+            self.loss: list[float] = []
+            self.validation_seconds: list[float] = []
+            self.curve: list[dict[str, float]] = []
+            self._start = 0.0
+
+        @override
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+            self._start = _now(pl_module.device)
+
+        @override
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            self.step_seconds.append(_now(pl_module.device) - self._start)
+            if "train/loss" in trainer.callback_metrics:
+                self.loss.append(float(trainer.callback_metrics["train/loss"]))
+
+        @override
+        def on_validation_start(self, trainer, pl_module) -> None:
+            self._start = _now(pl_module.device)
+
+        @override
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            self.validation_seconds.append(_now(pl_module.device) - self._start)
+            record_bpb(self.curve, trainer, tokens=trainer.global_step * tokens_per_step)
+
+    return Recorder()

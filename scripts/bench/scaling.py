@@ -51,7 +51,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 
 from bench import report
-from bench.recipes import record_bpb, text_domains
+from bench.recipes import step_recorder, text_domains
 
 SCRIPTS = Path(__file__).resolve().parents[1]
 ROOT = SCRIPTS.parent
@@ -229,49 +229,6 @@ def parameter_counts(model) -> dict[str, int]:
     return {"active": shared, "total": shared}
 
 
-def _now(device) -> float:
-    import torch
-
-    if device.type == "cuda":  # the step's kernels are queued, not done, when the hook runs
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _recorder(tokens_per_step: int):
-    from lightning.pytorch import Callback
-    from typing_extensions import override
-
-    class Recorder(Callback):
-        """Seconds of every training step and of every validation, and ``val/bpb`` of every validation."""
-
-        def __init__(self) -> None:
-            self.step_seconds: list[float] = []
-            self.validation_seconds: list[float] = []
-            self.curve: list[dict[str, float]] = []
-            self._start = 0.0
-
-        @override
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-            self._start = _now(pl_module.device)
-
-        @override
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-            self.step_seconds.append(_now(pl_module.device) - self._start)
-
-        @override
-        def on_validation_start(self, trainer, pl_module) -> None:
-            self._start = _now(pl_module.device)
-
-        @override
-        def on_validation_end(self, trainer, pl_module) -> None:
-            if trainer.sanity_checking:
-                return
-            self.validation_seconds.append(_now(pl_module.device) - self._start)
-            record_bpb(self.curve, trainer, tokens=trainer.global_step * tokens_per_step)
-
-    return Recorder()
-
-
 def _summary_mib(values: list[float]) -> dict[str, float]:
     return {"median_mib": statistics.median(values) / 2**20, "max_mib": max(values) / 2**20}
 
@@ -289,7 +246,7 @@ def train_run(config: ScalingConfig, plan: RunPlan, root: str) -> dict[str, Any]
     seed_everything(config.seed, verbose=False)
     data = text_domains(config)
     model = build_model(config, plan, str(Path(root) / "store"))
-    monitor, recorder = MemoryMonitor(), _recorder(config.tokens_per_step)
+    monitor, recorder = MemoryMonitor(), step_recorder(config.tokens_per_step)
     setup_seconds = time.perf_counter() - started
     trainer = Trainer(
         accelerator=config.accelerator,
