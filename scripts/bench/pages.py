@@ -9,6 +9,7 @@ the page it wrote into after a run, and each benchmark's ``--report-only`` re-re
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,15 @@ def whole_process_section(report: dict[str, Any]) -> list[str]:
         rows.append(
             [f"sample {index} ({sample['date']})", *(f"{rss[n]:,}" if n in rss else "" for n in ns)]
             + [f"{ratio:.3f} (n = {max(rss):,} / n = {min(rss):,})"]
+        )
+    if len(report["samples"]) > 2:  # the mean of each n over the samples that have it
+        means = {
+            n: statistics.fmean(int(s["max_rss_kb"][str(n)]) for s in report["samples"] if str(n) in s["max_rss_kb"])
+            for n in ns
+        }
+        rows.append(
+            [f"mean of the {len(report['samples'])} samples", *(f"{means[n]:,.0f}" for n in ns)]
+            + [f"{means[ns[-1]] / means[ns[0]]:.3f} (n = {ns[-1]:,} / n = {ns[0]:,})"]
         )
     header = ["run", *(f"n = {n:,}" for n in ns), "largest n / smallest"]
     smallest = [sample["max_rss_kb"][str(ns[0])] for sample in report["samples"] if str(ns[0]) in sample["max_rss_kb"]]
