@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.recipes import method_options, text_domains
+from bench.recipes import method_options, shared_options, text_domains
 from bench.report import load_average, markdown_table, page_header, pyplot, report_header, run_lines
 
 BASELINES = ("global_moe", "dense", "joint")
@@ -194,14 +194,7 @@ def build_model(config: ContinualConfig, plan: RunPlan, store_dir: str):
     """The LightningModule of ``plan`` (seed the RNG first: every model starts from the same trunk)."""
     from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
 
-    common = dict(
-        d_model=config.d_model,
-        n_shared_layers=config.n_shared_layers,
-        n_heads=config.n_heads,
-        num_active_experts=config.num_active_experts,
-        lr=config.lr,
-        seed=config.seed,
-    )
+    common = shared_options(config)
     if plan.kind == "dense":
         return DenseLM(**common)
     if plan.kind == "global_moe":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.recipes import method_options, record_bpb, text_domains
+from bench.recipes import method_options, record_bpb, shared_options, text_domains
 from bench.report import load_average, markdown_table, pyplot, report_header
 
 MODEL_KINDS = ("pragnosia", "global_moe", "dense")
@@ -195,14 +195,7 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
     """The LightningModule of ``plan`` (seed the RNG first: every model starts from the same trunk)."""
     from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
 
-    common = dict(
-        d_model=config.d_model,
-        n_shared_layers=config.n_shared_layers,
-        n_heads=config.n_heads,
-        num_active_experts=config.num_active_experts,
-        lr=config.lr,
-        seed=config.seed,
-    )
+    common = shared_options(config)
     if plan.kind == "dense":
         return DenseLM(**common)
     if plan.kind == "global_moe":

@@ -20,6 +20,7 @@ __all__ = [
     "method_options",
     "model_options",
     "record_bpb",
+    "shared_options",
     "step_recorder",
     "text_domains",
 ]
@@ -28,6 +29,13 @@ __all__ = [
 def method_options(config_file: str) -> dict[str, Any]:
     """A shipped config's ``PragnosiaLM`` options without :data:`BENCHMARK_KEYS`: its method."""
     return {k: v for k, v in model_options(config_file).items() if k not in BENCHMARK_KEYS}
+
+
+def shared_options(config: Any) -> dict[str, Any]:
+    """What every contender of a benchmark shares: the config's widths, k, shared lr and seed (so every model
+    starts from the same trunk and takes the same shared optimizer)."""
+    keys = ("d_model", "n_shared_layers", "n_heads", "num_active_experts", "lr", "seed")
+    return {key: getattr(config, key) for key in keys}
 
 
 def text_domains(config: Any, data_class: type | None = None):
