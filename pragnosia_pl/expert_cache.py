@@ -174,20 +174,28 @@ class ExpertCache:
         return f"ExpertCache(capacity={self.capacity}, device={self.device}, resident={self.resident_ids()})"
 
     def _take_slot(self, may_evict_current: bool, may_evict_loading: bool) -> int | None:
-        """A free slot, else the slot of the least recently used expert that may be evicted, else ``None``."""
+        """A free slot, else the slot of the least recently used expert that may be evicted, else ``None``.
+
+        Preference: one the running stream is done with; then (``may_evict_loading``) one it still needs, one still
+        being read; then (``may_evict_current``) the most recently loaded one. One pass, least recent first."""
         if self._free_slots:
             return self._free_slots.pop()
-        candidates = [e for e in self._slot_of if e != self._current and e not in self._loading]
-        done = [e for e in candidates if e not in self._ahead]  # the running stream still needs the others
-        if done or not may_evict_loading:
-            candidates = done
-        if not candidates and may_evict_loading:
-            candidates = [e for e in self._slot_of if e != self._current]
-        if not candidates and may_evict_current and self._current is not None:
-            candidates = [self._current]
-        if not candidates:
-            return None
-        return self._evict(candidates[0])
+        first_ahead = first_loading = None
+        for expert_id in self._slot_of:
+            if expert_id == self._current:
+                continue
+            if expert_id in self._loading:
+                first_loading = expert_id if first_loading is None else first_loading
+            elif expert_id not in self._ahead:
+                return self._evict(expert_id)
+            elif first_ahead is None:
+                first_ahead = expert_id
+        choice = None
+        if may_evict_loading:
+            choice = first_ahead if first_ahead is not None else first_loading
+        if choice is None and may_evict_current:
+            choice = self._current
+        return None if choice is None else self._evict(choice)
 
     def _evict(self, expert_id: int) -> int:
         slot = self._slot_of.pop(expert_id)

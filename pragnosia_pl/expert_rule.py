@@ -6,7 +6,7 @@ Everything here runs on one expert's record in a device slot (``ExpertLayout`` v
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -26,14 +26,12 @@ class LocalStep(NamedTuple):
     updated: bool  # False: the loss or gradient was not finite and the record was left as it was
 
 
-class ExpertGraph:
+class ExpertGraph(NamedTuple):
     """One expert's first-pass forward, kept for its backward (:meth:`ExpertRule.forward_kept`)."""
 
-    def __init__(self, record: torch.Tensor) -> None:
-        self.record = record  # the slot holding the expert: at the forward, then at the backward
-        self.leaves: dict[str, torch.Tensor] = {}
-        self.h_e: torch.Tensor | None = None
-        self.out: torch.Tensor | None = None
+    h_e: torch.Tensor  # (N_e, d): its input
+    out: torch.Tensor  # (N_e, d): its output, detached
+    saved: Any  # what ExpertLayout.backward needs; no reference to the slot it ran in
 
 
 class ExpertRule:
@@ -79,44 +77,25 @@ class ExpertRule:
 
     def local_step(self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor) -> LocalStep:
         """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss."""
-        leaves = self._leaves(record)
-        with torch.enable_grad():
-            expert_out = self.layout.forward_named(leaves, h_e)  # (N_e, d)
-            local_loss = self.local_loss(h_e, expert_out, targets_e)
-            grad = self.layout.flatten(torch.autograd.grad(local_loss, list(leaves.values())))
+        params = self.layout.split(record)[0]
+        expert_out, saved = self.layout.forward_saving(params, h_e)  # (N_e, d)
+        with torch.enable_grad():  # autograd over the local loss alone: the expert's backward is the layout's
+            out = expert_out.requires_grad_(True)
+            local_loss = self.local_loss(h_e, out, targets_e)
+            (grad_out,) = torch.autograd.grad(local_loss, out)  # (N_e, d)
+        grad, _ = self.layout.backward(params, saved, grad_out, input_grad=False)  # (P,)
         grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0), group=self.group)
-        finite = torch.isfinite(grad).all()
+        finite = torch.isfinite(grad.sum())  # non-finite iff some element is (or the sum overflows: skipped too)
         if h_e.size(0) > 0 or world_size() > 1:  # one process, no tokens: the mean is NaN, the gradient zero
             finite = finite & torch.isfinite(local_loss)
         updated = self._step(record, grad, finite)
         return LocalStep(expert_out.detach(), local_loss.detach(), updated)
 
     def forward_kept(self, record: torch.Tensor, h_e: torch.Tensor) -> ExpertGraph:
-        """The expert's output at ``h_e`` (N_e, d) with its autograd graph kept for :meth:`exact_step`, so that the
-        second pass need not run the forward again. The graph's saved parameters are views of the slot, which
-        may hold another expert by then: they are saved as positions in the record and read, in the second pass,
-        from wherever the expert is resident then (unchanged: it steps only after its gradient is taken)."""
-        graph = ExpertGraph(record)
-        slot_storage = record.untyped_storage().data_ptr()
-
-        def pack(tensor: torch.Tensor):
-            if tensor.untyped_storage().data_ptr() != slot_storage:
-                return tensor  # activations: kept
-            offset = tensor.storage_offset() - graph.record.storage_offset()
-            return offset, tensor.shape, tensor.stride()
-
-        def unpack(packed):
-            if isinstance(packed, torch.Tensor):
-                return packed
-            offset, shape, stride = packed
-            record = graph.record
-            return _alias(record).as_strided(shape, stride, record.storage_offset() + offset)
-
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            graph.leaves = self._leaves(record)
-            graph.h_e = h_e.detach().requires_grad_(True)
-            graph.out = self.layout.forward_named(graph.leaves, graph.h_e)  # (N_e, d)
-        return graph
+        """The expert's output at ``h_e`` (N_e, d) with what its backward needs kept for :meth:`exact_step`, so that
+        the second pass need not run the forward again."""
+        out, saved = self.layout.forward_saving(self.layout.split(record)[0], h_e)
+        return ExpertGraph(h_e, out, saved)
 
     def exact_step(
         self, record: torch.Tensor, h_e: torch.Tensor, grad_out: torch.Tensor, graph: ExpertGraph | None = None
@@ -125,28 +104,15 @@ class ExpertRule:
         its tokens ``h_e`` (N_e, d) (gate included), through its first-pass ``graph`` when kept, else a forward
         run again. Returns the gradient w.r.t. ``h_e`` (N_e, d), taken at the pre-step parameters, and whether
         the record was updated."""
-        if graph is None:
-            graph = ExpertGraph(record)
-            graph.leaves = self._leaves(record)
-            graph.h_e = h_e.detach().requires_grad_(True)
-            with torch.enable_grad():
-                graph.out = self.layout.forward_named(graph.leaves, graph.h_e)
-        graph.record = record  # where the saved parameters are read from now
-        *grads, grad_in = torch.autograd.grad(graph.out, [*graph.leaves.values(), graph.h_e], grad_out)
-        grad = self.layout.flatten(grads)
+        params = self.layout.split(record)[0]
+        saved = graph.saved if graph is not None else self.layout.forward_saving(params, h_e)[1]
+        grad, grad_in = self.layout.backward(params, saved, grad_out, input_grad=True)  # (P,), (N_e, d)
         grad = average_across_ranks(grad, group=self.group)
         norm = grad.norm()  # non-finite iff some element is (or the sum of squares overflows: skipped too)
         if self.grad_clip > 0:
-            grad = grad * (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
+            grad.mul_((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))  # clip_grad_norm_'s formula
         updated = self._step(record, grad, torch.isfinite(norm))
         return grad_in, updated
-
-    def _leaves(self, record: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The expert's parameters in ``record`` as leaves of their own: on the slot's memory, each with its own
-        version counter (loads into other slots may land meanwhile), each its own gradient (a gradient w.r.t.
-        one flat leaf would scatter every parameter's into a zeroed (P,) tensor)."""
-        views = self.layout.param_views(self.layout.split(record)[0])
-        return {name: _alias(view).requires_grad_(True) for name, view in views.items()}
 
     def _step(self, record: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor) -> bool:
         if not bool(finite):  # one host sync per expert, checked before stepping: the step is in place
@@ -172,13 +138,3 @@ class ThroughExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return ctx.second_pass(grad), None
-
-
-def _alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor on ``tensor``'s memory with a version counter of its own.
-
-    Views of one slot buffer share a version counter, so an asynchronous load into another slot during this
-    expert's backward would look like an in-place edit of its saved tensors; an alias keeps them apart.
-    """
-    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())

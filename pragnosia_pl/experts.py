@@ -7,7 +7,9 @@ views, and one stateless template module (on the meta device, never holding memo
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from torch.func import functional_call
 from pragnosia_pl.model import FeedForward, init_weights
 
 EXPERT_OPTIMIZERS = ("sgd", "adam")
+_REMEMBERED_VIEWS = 32  # ExpertLayout.param_views: places remembered (one slot buffer and one gradient buffer in use)
 _FUSED_ADAM = getattr(torch, "_fused_adam_", None)  # torch's fused Adam kernel (CPU and CUDA since torch 2.4)
 
 
@@ -115,6 +118,12 @@ class ExpertLayout:
             raise ValueError("an expert module must not have buffers: its whole state must be parameters")
         self.shapes = {name: p.shape for name, p in self.template.named_parameters()}
         self._functional = getattr(type(self.template), "functional_forward", None)
+        # a hand-written backward (the default FFN has one) spares each expert an autograd graph and engine call
+        self._forward_saving = getattr(type(self.template), "functional_forward_saving", None)
+        self._backward = getattr(type(self.template), "functional_backward", None)
+        self.manual_backward = self._forward_saving is not None and self._backward is not None
+        self._views: OrderedDict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor]]] = OrderedDict()
+        self._grad_buffers: dict[torch.device, torch.Tensor] = {}
         self.num_params = sum(shape.numel() for shape in self.shapes.values())
         self.state_numel = optimizer.state_numel(self.num_params)
         self.record_numel = self.num_params + self.state_numel + 1
@@ -125,10 +134,19 @@ class ExpertLayout:
         return record[:P], record[P : P + St], record[P + St :]
 
     def param_views(self, flat_params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``flat_params`` (P,) as named parameter views. Remembered for the last few places they were asked of
+        (the cache's slots, the gradient buffer): building six views costs as much as a small expert's update."""
+        key = (flat_params.device, flat_params.untyped_storage().data_ptr(), flat_params.storage_offset())
+        remembered = self._views.get(key)
+        if remembered is not None and remembered[0].numel() == flat_params.numel():
+            return remembered[1]
         views, offset = {}, 0
         for name, shape in self.shapes.items():
             views[name] = flat_params[offset : offset + shape.numel()].view(shape)
             offset += shape.numel()
+        self._views[key] = (flat_params, views)  # flat_params keeps the memory alive: its address stays its own
+        if len(self._views) > _REMEMBERED_VIEWS:
+            self._views.popitem(last=False)
         return views
 
     def forward(self, flat_params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -142,9 +160,28 @@ class ExpertLayout:
             return self._functional(params, x)
         return functional_call(self.template, params, (x,))
 
-    def flatten(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Per-parameter tensors, in :meth:`param_views` order, as one flat (P,) vector."""
-        return torch.cat([g.reshape(-1) for g in grads])
+    def forward_saving(self, flat_params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The expert held in ``flat_params`` (P,) run on ``x`` (N, d): its output (N, d), detached, and what
+        :meth:`backward` needs. Nothing saved refers to ``flat_params``: the expert may leave its slot before its
+        backward, which reads its (unchanged) parameters from wherever it is then."""
+        if self.manual_backward:
+            return self._forward_saving(self.param_views(flat_params), x)
+        return _AutogradForward(self, flat_params, x).output()
+
+    def backward(
+        self, flat_params: torch.Tensor, saved: Any, grad_out: torch.Tensor, input_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The vector-Jacobian product at ``grad_out`` (N, d) of the :meth:`forward_saving` that returned ``saved``,
+        the expert now held in ``flat_params`` (P,): its parameters' gradient (P,) and, when ``input_grad``, its
+        input's (N, d). The parameters' gradient lives in one buffer per device, valid until the next call."""
+        grad = self._grad_buffers.get(flat_params.device)
+        if grad is None:
+            grad = self._grad_buffers[flat_params.device] = flat_params.new_empty(self.num_params)  # (P,)
+        if self.manual_backward:
+            views = self.param_views(flat_params)
+            grad_in = self._backward(views, saved, grad_out, self.param_views(grad), input_grad)
+            return grad, grad_in
+        return saved.backward(flat_params, grad_out, grad, input_grad)
 
     def init_params(self, expert_id: int) -> torch.Tensor:
         """Expert ``expert_id``'s initial parameters (P,) on the CPU, a pure function of (seed, id): every model
@@ -161,3 +198,53 @@ class ExpertLayout:
         params.copy_(self.init_params(expert_id))
         state.zero_()
         step.zero_()
+
+
+class _AutogradForward:
+    """:meth:`ExpertLayout.forward_saving` for an expert without a hand-written backward: its forward run under
+    autograd, the graph kept. The saved parameters are views of the slot, which may hold another expert by the
+    backward: they are saved as positions in the record and read, at the backward, from the slot given then."""
+
+    def __init__(self, layout: ExpertLayout, flat_params: torch.Tensor, x: torch.Tensor) -> None:
+        self.flat_params = flat_params
+        slot_storage = flat_params.untyped_storage().data_ptr()
+
+        def pack(tensor: torch.Tensor):
+            if tensor.untyped_storage().data_ptr() != slot_storage:
+                return tensor  # activations: kept
+            return tensor.storage_offset() - self.flat_params.storage_offset(), tensor.shape, tensor.stride()
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            offset, shape, stride = packed
+            params = self.flat_params
+            return _alias(params).as_strided(shape, stride, params.storage_offset() + offset)
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            # one leaf per parameter: a gradient w.r.t. one flat leaf would scatter each into a zeroed (P,) tensor
+            self.leaves = {name: _alias(v).requires_grad_(True) for name, v in layout.param_views(flat_params).items()}
+            self.x = x.detach().requires_grad_(True)
+            self.out = layout.forward_named(self.leaves, self.x)  # (N, d)
+
+    def output(self) -> tuple[torch.Tensor, _AutogradForward]:
+        return self.out.detach(), self
+
+    def backward(
+        self, flat_params: torch.Tensor, grad_out: torch.Tensor, grad: torch.Tensor, input_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.flat_params = flat_params  # where the saved parameters are read from now
+        inputs = [*self.leaves.values(), *([self.x] if input_grad else [])]
+        grads = torch.autograd.grad(self.out, inputs, grad_out)
+        torch.cat([g.reshape(-1) for g in grads[: len(self.leaves)]], out=grad)
+        return grad, grads[-1] if input_grad else None
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor on ``tensor``'s memory with a version counter of its own.
+
+    Views of one slot buffer share a version counter, so an asynchronous load into another slot during this
+    expert's backward would look like an in-place edit of its saved tensors; an alias keeps them apart.
+    """
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())

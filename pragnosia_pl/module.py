@@ -273,19 +273,20 @@ class PragnosiaLM(LanguageModel):
         """Every touched expert's output at its tokens, in ``groups``' row order (N·k, d), detached; ``local``:
         each expert's update on its local loss, and those losses."""
         expert_out = h_in.new_empty(groups.token_idx.numel(), h_in.size(1))  # (N·k, d)
+        h_pairs = h_in[groups.token_idx]  # (N·k, d): one gather for the step; an expert's rows are a view of it
+        target_pairs = targets[groups.token_idx]  # (N·k,)
         local_losses: list[torch.Tensor] = []
         for position, (expert_id, record) in enumerate(cache.stream(groups.expert_ids)):
             rows = groups.rows(position)
-            token_idx = groups.token_idx[rows]  # (N_e,)
             if self.rule.objective == "exact" and self._graphs is not None:
-                self._graphs.append(self.rule.forward_kept(record, h_in[token_idx]))
-                expert_out[rows] = self._graphs[-1].out.detach()
+                self._graphs.append(self.rule.forward_kept(record, h_pairs[rows]))
+                expert_out[rows] = self._graphs[-1].out
                 continue
             if self.rule.objective == "exact":
                 with torch.no_grad():
-                    expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h_in[token_idx])
+                    expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h_pairs[rows])
                 continue
-            out, local_loss, updated = self.rule.local_step(record, h_in[token_idx], targets[token_idx])
+            out, local_loss, updated = self.rule.local_step(record, h_pairs[rows], target_pairs[rows])
             expert_out[rows] = out
             local_losses.append(local_loss)
             self._after_update(cache, expert_id, updated)
@@ -298,16 +299,14 @@ class PragnosiaLM(LanguageModel):
         through the experts, ``Σ_e J_e(h)ᵀ (g_e · dL/dz)`` (N, d). Visits the experts in descending id order,
         so the ones the first pass left in the cache are hits."""
         grad_h = torch.zeros_like(h_in)  # (N, d)
-        gates = groups.gates.detach()
+        grad_pairs = groups.gates.detach()[:, None] * grad_z[groups.token_idx]  # (N·k, d): g_e · dL/dz per pair
         order = list(reversed(range(len(groups.expert_ids))))
         for position, (expert_id, record) in zip(order, cache.stream(groups.expert_ids[::-1])):
             rows = groups.rows(position)
-            token_idx = groups.token_idx[rows]  # (N_e,)
-            grad_out = gates[rows, None] * grad_z[token_idx]  # (N_e, d)
             graph = None if self._graphs is None else self._graphs[position]
-            h_e = graph.h_e if graph is not None else h_in[token_idx]  # a kept graph holds its inputs already
-            grad_in, updated = self.rule.exact_step(record, h_e, grad_out, graph)
-            grad_h.index_add_(0, token_idx, grad_in)
+            h_e = graph.h_e if graph is not None else h_in[groups.token_idx[rows]]  # a kept graph holds its inputs
+            grad_in, updated = self.rule.exact_step(record, h_e, grad_pairs[rows], graph)
+            grad_h.index_add_(0, groups.token_idx[rows], grad_in)
             self._after_update(cache, expert_id, updated)
         return grad_h
 

@@ -4,11 +4,15 @@ DESIGN §4 invariants 3 (exact) and 7. Mutations seen failing here, and the test
 - the expert gradient not clipped: exact ≡ GlobalMoE (the grad_clip 0.05 case);
 - pass 2's updates not marked dirty (never written back): exact ≡ GlobalMoE;
 - the gate left out of the gradient pass 2 steps on: exact ≡ GlobalMoE;
-- a kept first-pass graph reading its parameters from the slot the expert had in pass 1 (stale when it was evicted
-  and reloaded elsewhere), or keeping them as tensors, not re-pointing them: exact ≡ GlobalMoE (both streamed
-  cases);
 - `local` also running the exact second pass: reads per touched expert (local > 1);
-- micro-batch outputs shifted by one position: micro-batches ≡ whole batch.
+- micro-batch outputs shifted by one position: micro-batches ≡ whole batch;
+- the hand-written FFN backward taking `up.bias`'s gradient before gelu's backward instead of after, or returning
+  the layer norm's output gradient as the input's: hand-written ≡ autograd, exact ≡ GlobalMoE, and the fallback test;
+- `ExpertLayout.param_views` remembering views by the slot buffer alone, not the record's offset in it (every slot
+  then read as the first): exact ≡ GlobalMoE (every store), micro-batches ≡ whole batch, and in test_module.py the
+  local-objective and causal-evaluation tests;
+- the autograd fallback not re-pointing its saved parameters to the expert's slot at the backward (stale when
+  the expert was evicted and reloaded elsewhere between the passes): the autograd-fallback test (exact).
 """
 
 import pytest
@@ -16,6 +20,7 @@ import torch
 from conftest import cpu_trainer, expert_records, token_loader
 
 from pragnosia_pl import GlobalMoE, PragnosiaLM
+from pragnosia_pl.model import FeedForward, init_weights
 
 SHAPE = dict(d_model=16, n_shared_layers=1, n_heads=2, num_experts=12, num_active_experts=2, seed=3)
 
@@ -128,3 +133,59 @@ def test_micro_batches_hold_one_micro_batch_of_trunk_activations():
 
     whole, parts = saved_bytes(None), saved_bytes(2)
     assert parts < whole / 4, (parts, whole)
+
+
+def test_hand_written_expert_backward_equals_autograd():
+    """``FeedForward.functional_backward`` against autograd through the module's own ``forward``: every parameter's
+    gradient and the input's, at a few token counts (0 included: a DDP rank may send an expert no tokens)."""
+    torch.manual_seed(0)
+    expert = FeedForward(16, 64)
+    expert.apply(init_weights)
+    with torch.no_grad():
+        for p in expert.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # layer-norm weights off 1 and biases off 0
+    params = {name: p.detach() for name, p in expert.named_parameters()}
+    for tokens in (0, 1, 7, 50):
+        x = torch.randn(tokens, 16, requires_grad=True)
+        grad_out = torch.randn(tokens, 16)
+        expected = torch.autograd.grad(expert(x), [*expert.parameters(), x], grad_out)
+        out, saved = FeedForward.functional_forward_saving(params, x.detach())
+        grads = {name: torch.empty_like(p) for name, p in params.items()}
+        grad_x = FeedForward.functional_backward(params, saved, grad_out, grads, input_grad=True)
+        torch.testing.assert_close(out, expert(x).detach(), rtol=0, atol=1e-6)
+        for name, mine, theirs in zip(grads, grads.values(), expected[:-1]):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6, msg=f"{name}, {tokens} tokens")
+        torch.testing.assert_close(grad_x, expected[-1], rtol=0, atol=1e-6)
+
+
+class _PlainFeedForward(FeedForward):
+    """The default expert with no hand-written backward: ``ExpertLayout`` falls back to autograd."""
+
+    functional_forward_saving = None
+    functional_backward = None
+
+
+class _PlainExpertLM(PragnosiaLM):
+    def build_expert(self) -> torch.nn.Module:
+        expert = _PlainFeedForward(self.hparams.d_model, self.expert_hidden)
+        expert.apply(init_weights)
+        return expert
+
+
+@pytest.mark.parametrize("objective", ["exact", "local"])
+def test_autograd_fallback_equals_hand_written_backward(tmp_path, objective):
+    """An expert class without ``functional_backward`` trains through autograd, its saved parameters re-pointed to
+    wherever the expert is at its backward: 4 steps with a cache of 3 slots (experts evicted between the passes)
+    give the same model as the hand-written backward."""
+    loader = token_loader(4, batch_size=4, block_size=16)
+    options = dict(objective=objective, expert_optimizer="adam", local_lr=1e-2, lr=1e-2, expert_cache=3, store="host")
+    plain = _PlainExpertLM(**SHAPE, **options, router="flat")
+    assert not plain.layout.manual_backward
+    cpu_trainer(tmp_path, max_steps=4).fit(plain, train_dataloaders=loader)
+    hand = PragnosiaLM(**SHAPE, **options, router="flat")
+    assert hand.layout.manual_backward
+    cpu_trainer(tmp_path, max_steps=4).fit(hand, train_dataloaders=loader)
+    torch.testing.assert_close(expert_parameters(plain), expert_parameters(hand), rtol=0, atol=1e-6)
+    for mine, theirs in zip(plain.backbone.parameters(), hand.backbone.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+    assert plain.experts().stats()["evictions"] > 0
