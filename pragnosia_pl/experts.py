@@ -173,7 +173,8 @@ class ExpertLayout:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The vector-Jacobian product at ``grad_out`` (N, d) of the :meth:`forward_saving` that returned ``saved``,
         the expert now held in ``flat_params`` (P,): its parameters' gradient (P,) and, when ``input_grad``, its
-        input's (N, d). The parameters' gradient lives in one buffer per device, valid until the next call."""
+        input's (N, d). The parameters' gradient lives in one buffer per device, valid until the next call. ``saved`` is
+        spent (its activations freed as they are used, as autograd frees a graph's): one backward per forward."""
         grad = self._grad_buffers.get(flat_params.device)
         if grad is None:
             grad = self._grad_buffers[flat_params.device] = flat_params.new_empty(self.num_params)  # (P,)

@@ -71,18 +71,18 @@ class FeedForward(nn.Module):
     @staticmethod
     def functional_forward_saving(
         params: dict[str, torch.Tensor], x: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``functional_forward`` and what :meth:`functional_backward` needs: the activations autograd would save,
         none of the parameters (they are read again at the backward, from wherever the expert is then)."""
         x_norm, mean, rstd = torch.native_layer_norm(x, (x.size(-1),), params["norm.weight"], params["norm.bias"], 1e-5)
         hidden = F.linear(x_norm, params["up.weight"], params["up.bias"])  # (N, H)
         act = F.gelu(hidden)  # (N, H)
-        return F.linear(act, params["down.weight"], params["down.bias"]), (x, x_norm, mean, rstd, hidden, act)
+        return F.linear(act, params["down.weight"], params["down.bias"]), [x, x_norm, mean, rstd, hidden, act]
 
     @staticmethod
     def functional_backward(
         params: dict[str, torch.Tensor],
-        saved: tuple[torch.Tensor, ...],
+        saved: list[torch.Tensor],
         grad_out: torch.Tensor,
         grads: dict[str, torch.Tensor],
         input_grad: bool,
@@ -90,15 +90,22 @@ class FeedForward(nn.Module):
         """The vector-Jacobian product of ``functional_forward`` at ``grad_out`` (N, d), without autograd: each
         parameter's gradient written into ``grads[name]`` (views of one flat buffer, so nothing is concatenated);
         returns the input's gradient (N, d) when ``input_grad``, else ``None``. The same kernels, in the same
-        order, as autograd runs: bit-identical to it (a test)."""
+        order, as autograd runs: bit-identical to it (a test).
+
+        It consumes ``saved`` (emptied) and drops each activation as soon as it has used it, as autograd frees a
+        graph's saved tensors during its backward: the (N, H) tensors never live all four at once."""
         x, x_norm, mean, rstd, hidden, act = saved
+        saved.clear()
         torch.mm(grad_out.t(), act, out=grads["down.weight"])  # (d, H)
+        del act
         torch.sum(grad_out, 0, out=grads["down.bias"])
         grad_act = torch.mm(grad_out, params["down.weight"])  # (N, H)
         grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # (N, H)
+        del grad_act, hidden
         torch.mm(grad_hidden.t(), x_norm, out=grads["up.weight"])  # (H, d)
         torch.sum(grad_hidden, 0, out=grads["up.bias"])
         grad_x_norm = torch.mm(grad_hidden, params["up.weight"])  # (N, d)
+        del grad_hidden, x_norm
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
             grad_x_norm,
             x,

@@ -1,6 +1,7 @@
 """Step time and store reads of the engine's recipes against GlobalMoE (issue 15).
 
     python scripts/bench_engine.py [--experts 8 64 512 4096] [--rounds 3] [--out scripts/results/engine] [--quick]
+    python scripts/bench_engine.py --report-only --out scripts/results/engine/batch64   # re-render a page
 
 Writes OUT/engine.json, OUT/README.md (the table) and OUT/step_time.png.
 """
@@ -8,12 +9,14 @@ Writes OUT/engine.json, OUT/README.md (the table) and OUT/step_time.png.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.engine import RECIPES, EngineBenchConfig, run  # noqa: E402
+from bench.engine import RECIPES, EngineBenchConfig, run, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +38,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("scripts/results/engine"))
     parser.add_argument("--quick", action="store_true", help="tiny widths, n = 8, one round (for tests)")
+    parser.add_argument("--report-only", action="store_true", help="re-render OUT's page from OUT/engine.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_report(json.loads((args.out / "engine.json").read_text()), args.out)
+        print((args.out / "README.md").read_text())
+        return
     options = dict(
         num_experts=tuple(args.experts),
         recipes=tuple(args.recipes),
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             max_bytes_per_domain=60_000,
             overrides={**options["overrides"], "d_model": 16, "n_heads": 2, "n_shared_layers": 1},
         )
-    command = " ".join(["python scripts/bench_engine.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "scripts/bench_engine.py", *(sys.argv[1:] if argv is None else argv)])
     run(EngineBenchConfig(**options), args.out, command=command)
     print((args.out / "README.md").read_text())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def main() -> None:
     if args.time_budget_min is not None:
         overrides["time_budget_min"] = args.time_budget_min or None
     config = QualityConfig.quick(**overrides) if args.quick else QualityConfig(**overrides)
-    command = " ".join(["python scripts/bench_quality.py", *sys.argv[1:]])
+    command = shlex.join(["python", "scripts/bench_quality.py", *sys.argv[1:]])
     report = run_quality(config, args.out, command=command)
     print(open(os.path.join(args.out, "quality.md")).read())
     page = pages.page_folder(Path(args.out))

@@ -12,6 +12,7 @@ re-renders the results page of OUT if it is one.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     config = yaml.safe_load(args.config.read_text())
     if args.max_steps:
         config["trainer"]["max_steps"] = args.max_steps
-    command = " ".join(["python scripts/bench_quickstart.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "scripts/bench_quickstart.py", *(sys.argv[1:] if argv is None else argv)])
     run(config, args.models, args.out, command)
     print((args.out / "quickstart.md").read_text())
     if pages.page_folder(args.out) is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def main() -> None:
     if args.report_only:
         print(pages.write(out))
         return
-    command = " ".join(["python scripts/bench_throughput.py", *sys.argv[1:]])
+    command = shlex.join(["python", "scripts/bench_throughput.py", *sys.argv[1:]])
     overrides = {
         key: value
         for key, value in dict(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [RunSpec("pragnosia", n, **ours, **shared) for n in sorted(args.experts)]
     specs += [RunSpec("global", n, **shared) for n in sorted(args.experts) if n <= args.baseline_max_experts]
 
-    command = " ".join(["python scripts/prove_constant_memory.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "scripts/prove_constant_memory.py", *(sys.argv[1:] if argv is None else argv)])
     started, load = time.time(), load_average()
     runs = []
     with tqdm(specs, desc="constant-memory runs", unit="run", file=sys.stdout) as bar:

@@ -158,6 +158,14 @@ def test_bench_engine_quick(tmp_path, monkeypatch):
             limit = 2 if name in ("exact", "bounded") else 1
             assert 0 <= row["reads_per_touched_expert"] <= limit, row
     assert "| 8 | exact |" in (out / "README.md").read_text()
+    # GlobalMoE counts the experts it routes to in training, as PragnosiaLM counts its expert updates: with the same
+    # seed, weights and first batches, exact's first steps touch as many (up to rounding-flipped routing)
+    assert rows["GlobalMoE"]["touched_per_step"] == pytest.approx(rows["exact"]["touched_per_step"], rel=0.25)
+    assert rows["GlobalMoE"]["touched_per_step"] > 0
+    rendered = (out / "README.md").read_text()
+    (out / "README.md").write_text("stale")
+    run_script("bench_engine.py", "--report-only", "--out", str(out), monkeypatch=monkeypatch)
+    assert (out / "README.md").read_text() == rendered
 
 
 # ------------------------------------------------------------------------------------------------ results pages

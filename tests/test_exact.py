@@ -152,6 +152,7 @@ def test_hand_written_expert_backward_equals_autograd():
         out, saved = FeedForward.functional_forward_saving(params, x.detach())
         grads = {name: torch.empty_like(p) for name, p in params.items()}
         grad_x = FeedForward.functional_backward(params, saved, grad_out, grads, input_grad=True)
+        assert saved == []  # spent: each activation dropped once used, as autograd frees a graph's
         torch.testing.assert_close(out, expert(x).detach(), rtol=0, atol=1e-6)
         for name, mine, theirs in zip(grads, grads.values(), expected[:-1]):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6, msg=f"{name}, {tokens} tokens")
