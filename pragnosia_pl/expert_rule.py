@@ -5,6 +5,7 @@ Everything here runs on one expert's record in a device slot (``ExpertLayout`` v
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -85,9 +86,9 @@ class ExpertRule:
             (grad_out,) = torch.autograd.grad(local_loss, out)  # (N_e, d)
         grad, _ = self.layout.backward(params, saved, grad_out, input_grad=False)  # (P,)
         grad, local_loss = mean_across_ranks(grad, local_loss, num_tokens=h_e.size(0), group=self.group)
-        finite = torch.isfinite(grad.sum())  # non-finite iff some element is (or the sum overflows: skipped too)
+        finite = math.isfinite(grad.sum().item())  # iff every element is (or the sum overflows: skipped too)
         if h_e.size(0) > 0 or world_size() > 1:  # one process, no tokens: the mean is NaN, the gradient zero
-            finite = finite & torch.isfinite(local_loss)
+            finite = finite and math.isfinite(local_loss.item())
         updated = self._step(record, grad, finite)
         return LocalStep(expert_out.detach(), local_loss.detach(), updated)
 
@@ -108,14 +109,16 @@ class ExpertRule:
         saved = graph.saved if graph is not None else self.layout.forward_saving(params, h_e)[1]
         grad, grad_in = self.layout.backward(params, saved, grad_out, input_grad=True)  # (P,), (N_e, d)
         grad = average_across_ranks(grad, group=self.group)
-        norm = grad.norm()  # non-finite iff some element is (or the sum of squares overflows: skipped too)
-        if self.grad_clip > 0:
-            grad.mul_((self.grad_clip / (norm + 1e-6)).clamp(max=1.0))  # clip_grad_norm_'s formula
-        updated = self._step(record, grad, torch.isfinite(norm))
+        # the one host sync per expert (the step is in place, so finiteness is checked first); the clip then costs
+        # Python arithmetic and, only when it clips, one pass: clip_grad_norm_'s formula
+        norm = grad.norm().item()  # non-finite iff some element is (or the sum of squares overflows: skipped too)
+        if self.grad_clip > 0 and self.grad_clip < norm + 1e-6:
+            grad.mul_(self.grad_clip / (norm + 1e-6))
+        updated = self._step(record, grad, math.isfinite(norm))
         return grad_in, updated
 
-    def _step(self, record: torch.Tensor, grad: torch.Tensor, finite: torch.Tensor) -> bool:
-        if not bool(finite):  # one host sync per expert, checked before stepping: the step is in place
+    def _step(self, record: torch.Tensor, grad: torch.Tensor, finite: bool) -> bool:
+        if not finite:  # checked before stepping (one host sync per expert): the step is in place
             return False
         params, state, step = self.layout.split(record)
         self.optimizer.step(params, grad, state, step)

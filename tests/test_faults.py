@@ -552,6 +552,33 @@ class Poisoned(PragnosiaLM):
         return super().local_loss(h_e, expert_out, targets_e) * float("inf")
 
 
+class PoisonedExact(PragnosiaLM):
+    """``exact``: the gradient reaching the experts' outputs is NaN in the steps listed."""
+
+    def __init__(self, steps: set[int], **kwargs) -> None:
+        super().__init__(objective="exact", **kwargs)
+        self.steps = steps
+
+    def _second_pass(self, cache, groups, h_in, grad_z):
+        if self.global_step in self.steps:
+            grad_z = torch.full_like(grad_z, float("nan"))
+        return super()._second_pass(cache, groups, h_in, grad_z)
+
+
+def test_non_finite_exact_expert_gradient_is_skipped_counted_and_not_written(tiny, tmp_path):
+    model = PoisonedExact({0, 1}, **tiny, num_experts=4, num_active_experts=2, expert_cache=2, store="host")
+    cpu_trainer(tmp_path, max_steps=2).fit(model, train_dataloaders=token_loader(2))
+    touched = sum(model.usage.values())
+    assert touched > 0 and model.skipped_expert_updates == touched and model.rule.updates == 0
+    assert model.skipped_shared_updates == 2  # the trunk's gradient through the experts is NaN too
+    model.experts().flush()
+    assert model.store.materialized_ids() == [], "a skipped expert's record was written"
+
+    model = PoisonedExact({1}, **tiny, num_experts=4, num_active_experts=2, expert_cache=2, store="host")
+    cpu_trainer(tmp_path, max_steps=3).fit(model, train_dataloaders=token_loader(3))
+    assert 0 < model.skipped_expert_updates < sum(model.usage.values()) and model.rule.updates > 0
+
+
 @pytest.mark.parametrize("poison", ["loss", "grad"])
 def test_non_finite_local_update_is_skipped_counted_and_not_written(tiny, tmp_path, poison):
     model = Poisoned(poison, {0, 1}, **tiny, num_experts=4, num_active_experts=2, expert_slots=2, store="host")
