@@ -27,14 +27,6 @@ class LocalStep(NamedTuple):
     updated: bool  # False: the loss or gradient was not finite and the record was left as it was
 
 
-class ExpertGraph(NamedTuple):
-    """One expert's first-pass forward, kept for its backward (:meth:`ExpertRule.forward_kept`)."""
-
-    h_e: torch.Tensor  # (N_e, d): its input
-    out: torch.Tensor  # (N_e, d): its output, detached
-    saved: Any  # what ExpertLayout.backward needs; no reference to the slot it ran in
-
-
 class ExpertRule:
     """The update of one touched expert, in place on its record.
 
@@ -92,21 +84,12 @@ class ExpertRule:
         updated = self._step(record, grad, finite)
         return LocalStep(expert_out.detach(), local_loss.detach(), updated)
 
-    def forward_kept(self, record: torch.Tensor, h_e: torch.Tensor) -> ExpertGraph:
-        """The expert's output at ``h_e`` (N_e, d) with what its backward needs kept for :meth:`exact_step`, so that
-        the second pass need not run the forward again."""
-        out, saved = self.layout.forward_saving(self.layout.split(record)[0], h_e)
-        return ExpertGraph(h_e, out, saved)
-
-    def exact_step(
-        self, record: torch.Tensor, h_e: torch.Tensor, grad_out: torch.Tensor, graph: ExpertGraph | None = None
-    ) -> tuple[torch.Tensor, bool]:
+    def exact_step(self, record: torch.Tensor, grad_out: torch.Tensor, saved: Any) -> tuple[torch.Tensor, bool]:
         """Step the expert in ``record`` on ``grad_out`` (N_e, d), the shared loss's gradient w.r.t. its output at
-        its tokens ``h_e`` (N_e, d) (gate included), through its first-pass ``graph`` when kept, else a forward
-        run again. Returns the gradient w.r.t. ``h_e`` (N_e, d), taken at the pre-step parameters, and whether
-        the record was updated."""
+        its tokens (gate included), through what its forward at them saved (``ExpertLayout.forward_saving``, in the
+        first pass or run again). Returns the gradient w.r.t. its input (N_e, d), taken at the pre-step parameters,
+        and whether the record was updated."""
         params = self.layout.split(record)[0]
-        saved = graph.saved if graph is not None else self.layout.forward_saving(params, h_e)[1]
         grad, grad_in = self.layout.backward(params, saved, grad_out, input_grad=True)  # (P,), (N_e, d)
         grad = average_across_ranks(grad, group=self.group)
         # the one host sync per expert (the step is in place, so finiteness is checked first); the clip then costs

@@ -170,7 +170,7 @@ class PragnosiaLM(LanguageModel):
         self.skipped_expert_updates = 0  # non-finite local losses or gradients, since the run began
         self.skipped_shared_updates = 0
         self._nonfinite_streak = 0  # consecutive steps with a skipped update
-        self._graphs: list | None = None  # exact: the experts' first-pass graphs, during a step
+        self._kept: list | None = None  # exact, during a step: what each expert's first-pass forward saved for pass 2
 
     def build_expert(self) -> nn.Module:
         """A freshly initialised expert ``(N, d) -> (N, d)``; override for another expert architecture."""
@@ -210,10 +210,10 @@ class PragnosiaLM(LanguageModel):
         h = self._trunk(tokens)  # (N, d)
         groups, balance_loss = self._route(h)
         h_in = h.detach()  # the experts never see the trunk's graph
-        # exact: the first pass keeps each expert's graph for the second unless micro_batch asks to bound the
-        # activations, which then run the expert's forward again (the whole batch's trunk graph, kept without
-        # micro_batch, is about twice the experts' graphs)
-        self._graphs = [] if exact and self.hparams.micro_batch is None else None
+        # exact: the first pass keeps what each expert's forward saved for the second, unless micro_batch asks to
+        # bound the activations, which then run the expert's forward again (the whole batch's trunk graph, kept
+        # without micro_batch, is about twice the experts' saved activations)
+        self._kept = [] if exact and self.hparams.micro_batch is None else None
 
         # 2. expert pass 1: each touched expert once, with all its tokens (local: its update too)
         expert_out, local_losses = self._first_pass(cache, groups, h_in, targets)  # (N·k, d)
@@ -241,7 +241,7 @@ class PragnosiaLM(LanguageModel):
 
         self.usage.update(groups.expert_ids)
         self._epoch_usage.update(groups.expert_ids)
-        self._graphs = None
+        self._kept = None
         self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
         if local_losses:
             self.log("train/local_loss", torch.stack(local_losses).mean())
@@ -274,13 +274,13 @@ class PragnosiaLM(LanguageModel):
         each expert's update on its local loss, and those losses."""
         expert_out = h_in.new_empty(groups.token_idx.numel(), h_in.size(1))  # (N·k, d)
         inputs = _PairRows(h_in, groups, gather_once=self.hparams.micro_batch is None)  # each expert's (N_e, d)
-        target_pairs = targets[groups.token_idx]  # (N·k,)
+        target_pairs = targets[groups.token_idx] if self.rule.objective == "local" else None  # (N·k,)
         local_losses: list[torch.Tensor] = []
         for position, (expert_id, record) in enumerate(cache.stream(groups.expert_ids)):
             rows = groups.rows(position)
-            if self.rule.objective == "exact" and self._graphs is not None:
-                self._graphs.append(self.rule.forward_kept(record, inputs[rows]))
-                expert_out[rows] = self._graphs[-1].out
+            if self.rule.objective == "exact" and self._kept is not None:
+                expert_out[rows], saved = self.layout.forward_saving(self.layout.split(record)[0], inputs[rows])
+                self._kept.append(saved)
                 continue
             if self.rule.objective == "exact":
                 with torch.no_grad():
@@ -303,9 +303,11 @@ class PragnosiaLM(LanguageModel):
         order = list(reversed(range(len(groups.expert_ids))))
         for position, (expert_id, record) in zip(order, cache.stream(groups.expert_ids[::-1])):
             rows = groups.rows(position)
-            graph = None if self._graphs is None else self._graphs[position]
-            h_e = graph.h_e if graph is not None else h_in[groups.token_idx[rows]]  # a kept graph holds its inputs
-            grad_in, updated = self.rule.exact_step(record, h_e, grad_outs[rows], graph)
+            if self._kept is not None:
+                saved = self._kept[position]
+            else:  # micro_batch: the expert's forward again, now
+                saved = self.layout.forward_saving(self.layout.split(record)[0], h_in[groups.token_idx[rows]])[1]
+            grad_in, updated = self.rule.exact_step(record, grad_outs[rows], saved)
             grad_h.index_add_(0, groups.token_idx[rows], grad_in)
             self._after_update(cache, expert_id, updated)
         return grad_h

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.beyond_ram import BeyondRamConfig, run, write_page  # noqa: E402
+from bench.recipes import given  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,20 +54,16 @@ def main(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, __file__, *argv], env)
     if args.quick and args.out is None:
         parser.error("--quick needs --out (it would overwrite the real results)")
-    changes = {
-        key: value
-        for key, value in dict(
-            num_experts=args.experts,
-            expert_hidden=args.expert_hidden,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            objective=args.objective,
-            store_dir=args.store_dir,
-            probe_bytes=None if args.probe_gib is None else int(args.probe_gib * 2**30),
-            keep_store=args.keep_store or None,
-        ).items()
-        if value is not None
-    }
+    changes = given(
+        num_experts=args.experts,
+        expert_hidden=args.expert_hidden,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        objective=args.objective,
+        store_dir=args.store_dir,
+        probe_bytes=None if args.probe_gib is None else int(args.probe_gib * 2**30),
+        keep_store=args.keep_store or None,
+    )
     config = BeyondRamConfig.quick(**changes) if args.quick else BeyondRamConfig(**changes)
     store_dir = Path(config.store_dir) if config.store_dir else out / "store"
     needed = config.num_experts * (3 * (2 * config.d_model * config.expert_hidden + config.expert_hidden))

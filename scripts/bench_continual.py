@@ -23,6 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench.continual import BASELINES, ContinualConfig, run_continual, write_report  # noqa: E402
+from bench.recipes import given  # noqa: E402
 
 
 def main() -> None:
@@ -49,20 +50,16 @@ def main() -> None:
     if args.report_only:
         write_report(json.loads(Path(args.out, "continual.json").read_text()), Path(args.out))
         return
-    overrides = {
-        key: value
-        for key, value in dict(
-            baselines=args.baselines,
-            schedule=args.schedule,
-            steps_per_stage=args.steps_per_stage,
-            batches_per_epoch=args.batches_per_epoch,
-            d_model=args.d_model,
-            num_experts=args.num_experts,
-            max_bytes_per_domain=args.max_bytes_per_domain,
-            seed=args.seed,
-        ).items()
-        if value is not None
-    }
+    overrides = given(
+        baselines=args.baselines,
+        schedule=args.schedule,
+        steps_per_stage=args.steps_per_stage,
+        batches_per_epoch=args.batches_per_epoch,
+        d_model=args.d_model,
+        num_experts=args.num_experts,
+        max_bytes_per_domain=args.max_bytes_per_domain,
+        seed=args.seed,
+    )
     config = ContinualConfig.quick(**overrides) if args.quick else ContinualConfig(**overrides)
     variants = dict(config.pragnosia_variants)
     if args.variants is not None:

@@ -31,6 +31,7 @@ from bench.quality import (  # noqa: E402
     parse_variants,
     run_quality,
 )
+from bench.recipes import given  # noqa: E402
 
 
 def variants_or_exit(items: list[str], parser: argparse.ArgumentParser) -> dict:
@@ -67,21 +68,17 @@ def main() -> None:
     if args.report_only:
         print(pages.write(Path(args.out)))
         return
-    overrides = {
-        key: value
-        for key, value in dict(
-            num_experts=args.num_experts,
-            models=args.models,
-            steps=args.steps,
-            eval_every=args.eval_every,
-            max_bytes_per_domain=args.max_bytes_per_domain,
-            seed=args.seed,
-            pragnosia=args.pragnosia,
-            variants=args.variants and variants_or_exit(args.variants, parser),
-            accelerator=args.accelerator,
-        ).items()
-        if value is not None
-    }
+    overrides = given(
+        num_experts=args.num_experts,
+        models=args.models,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        max_bytes_per_domain=args.max_bytes_per_domain,
+        seed=args.seed,
+        pragnosia=args.pragnosia,
+        variants=args.variants and variants_or_exit(args.variants, parser),
+        accelerator=args.accelerator,
+    )
     if args.no_plain:
         overrides["plain"] = False
     if args.time_budget_min is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench.recipes import given  # noqa: E402
 from bench.scaling import MODELS, ScalingConfig, estimate, run  # noqa: E402
 
 
@@ -45,22 +46,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick and args.out is None:
         parser.error("--quick needs --out (it would overwrite the real results)")
 
-    changes = {
-        key: value
-        for key, value in dict(
-            num_experts=args.experts,
-            models=args.models,
-            global_moe_max=args.global_moe_max,
-            steps=args.steps,
-            eval_every=args.eval_every,
-            limit_val_batches=args.limit_val_batches,
-            batch_size=args.batch_size,
-            block_size=args.block_size,
-            threads=args.threads,
-            seed=args.seed,
-        ).items()
-        if value is not None
-    }
+    changes = given(
+        num_experts=args.experts,
+        models=args.models,
+        global_moe_max=args.global_moe_max,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        limit_val_batches=args.limit_val_batches,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        threads=args.threads,
+        seed=args.seed,
+    )
     if args.data is not None:
         changes["domains"] = {"code": args.data}
     if args.max_bytes is not None:

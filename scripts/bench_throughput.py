@@ -22,6 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import pages  # noqa: E402
+from bench.recipes import given  # noqa: E402
 from bench.throughput import (  # noqa: E402
     STORE_KINDS,
     ThroughputConfig,
@@ -53,17 +54,13 @@ def main() -> None:
         print(pages.write(out))
         return
     command = shlex.join(["python", "scripts/bench_throughput.py", *sys.argv[1:]])
-    overrides = {
-        key: value
-        for key, value in dict(
-            num_experts=args.num_experts,
-            stores=args.stores,
-            cache_factors=args.cache_factors,
-            rounds=args.rounds,
-            window_steps=args.window_steps,
-        ).items()
-        if value is not None
-    }
+    overrides = given(
+        num_experts=args.num_experts,
+        stores=args.stores,
+        cache_factors=args.cache_factors,
+        rounds=args.rounds,
+        window_steps=args.window_steps,
+    )
     if args.threads is not None:
         overrides["threads"] = args.threads or None
     config = ThroughputConfig.quick(**overrides) if args.quick else ThroughputConfig(**overrides)

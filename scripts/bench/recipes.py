@@ -17,6 +17,7 @@ BENCHMARK_KEYS = frozenset(
 __all__ = [
     "BENCHMARK_KEYS",
     "CONFIGS",
+    "given",
     "method_options",
     "model_options",
     "record_bpb",
@@ -114,3 +115,8 @@ def step_recorder(tokens_per_step: int):
             record_bpb(self.curve, trainer, tokens=trainer.global_step * tokens_per_step)
 
     return Recorder()
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options a command line set: those not ``None`` (unset ones leave the config's default standing)."""
+    return {key: value for key, value in options.items() if value is not None}
