@@ -82,6 +82,21 @@ class FlatAdam:
         param.addcdiv_(exp_avg, denom * bias1, value=-self.lr)
 
 
+MAX_SEED = 2**23  # seeds 0 ≤ s < 2^23: with expert ids below 2^40, (s, e) -> s·2^40 + e is one-to-one in 2^63
+MAX_EXPERT_ID = 2**40
+
+
+def expert_seed(seed: int, expert_id: int) -> int:
+    """The RNG seed of expert ``expert_id`` under model seed ``seed``: ``seed·2^40 + expert_id``, distinct for every
+    (seed, expert) pair (an expert of one seed never starts as another seed's expert) and below 2^63, which the
+    shared parts' streams (:func:`~pragnosia_pl.lm_base.seeded`) start above."""
+    if not 0 <= seed < MAX_SEED:
+        raise ValueError(f"model.seed ({seed}) must be in [0, {MAX_SEED})")
+    if not 0 <= expert_id < MAX_EXPERT_ID:
+        raise ValueError(f"expert id {expert_id} is out of [0, 2^40)")
+    return seed * MAX_EXPERT_ID + expert_id
+
+
 def make_expert_optimizer(name: str, lr: float) -> FlatSGD | FlatAdam:
     if name == "sgd":
         return FlatSGD(lr)
@@ -188,7 +203,7 @@ class ExpertLayout:
         """Expert ``expert_id``'s initial parameters (P,) on the CPU, a pure function of (seed, id): every model
         that builds its experts here (``PragnosiaLM``'s store, ``GlobalMoE``) starts from the same weights."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + expert_id) % (2**63 - 1))
+            torch.manual_seed(expert_seed(self.seed, expert_id))
             expert = self.build_expert()
         return torch.nn.utils.parameters_to_vector(expert.parameters()).detach()
 

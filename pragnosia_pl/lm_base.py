@@ -30,8 +30,12 @@ def check_positive(**sizes: int | float) -> None:
 def seeded(seed: int, stream: int) -> Iterator[None]:
     """Initialise what is built inside from ``(seed, stream)`` alone, leaving the global RNG as it was: the same
     ``seed`` gives every model of the package the same backbone (stream 0) and router (stream 1)."""
+    if not 0 <= seed < 2**23:
+        raise ValueError(f"model.seed ({seed}) must be in [0, {2**23})")
+    if not 0 <= stream < 2**20:
+        raise ValueError(f"stream ({stream}) must be in [0, 2^20)")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1_000_003 + stream + 2**40)
+        torch.manual_seed(2**63 + seed * 2**20 + stream)  # above every expert's seed (experts.expert_seed)
         yield
 
 

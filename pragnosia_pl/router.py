@@ -148,7 +148,24 @@ class Router(nn.Module):
         return Routing(working_set, positions, torch.cat(gates), balance_loss)
 
     def _log_probs(self, h: torch.Tensor) -> list[torch.Tensor]:
-        return [F.log_softmax(s, dim=-1) for s in self.proj(h).float().split(self.keys, dim=-1)]  # (N, n1), (N, n2)
+        return self._key_log_probs(self.proj(h).float().split(self.keys, dim=-1))  # (N, n1), (N, n2)
+
+    def _key_log_probs(self, scores: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """Per key set log-probabilities whose products are each token's distribution over the n experts.
+
+        Product keys with n < n1·n2: the pairs of the last row past column r (ids ≥ n) do not exist, so the joint
+        ``p1(i)·p2(j)`` is renormalised over the real experts, ``Z_t = 1 - p1_t(last)·Σ_{j ≥ r} p2_t(j)``, folded into
+        the first key set (``log p1 - log Z``). Without it a share of the mass falls on ids ≥ n, and the balance
+        term, which sums the mass of real experts only, is lowered by moving mass there.
+        """
+        log_probs = [F.log_softmax(s, dim=-1) for s in scores]
+        if self.kind == "flat" or self.num_experts == self.keys[0] * self.keys[1]:
+            return log_probs
+        lp1, lp2 = log_probs
+        r = self.num_experts - (self.keys[0] - 1) * self.keys[1]  # real columns of the last row
+        phantom = lp1[:, -1] + torch.logsumexp(lp2[:, r:], dim=-1)  # (N,) log of the mass on ids ≥ n
+        log_z = torch.log1p(-phantom.exp().clamp(max=1 - 1e-6))  # (N,)
+        return [lp1 - log_z[:, None], lp2]
 
     def _mass(self, parts: tuple[torch.Tensor, ...], pool: torch.Tensor | None) -> torch.Tensor:
         """Router probability mass summed over the tokens of ``parts``: of every expert (n,), or of the ``pool``
@@ -183,7 +200,7 @@ class Router(nn.Module):
         so nothing of size N·S is built), both differentiable."""
         scores = self.proj(h).float().split(self.keys, dim=-1)  # (N, n1), (N, n2)
         gates = F.softmax(self._value_at(scores, chosen), dim=-1)  # (N, k)
-        probs = [F.softmax(s, dim=-1) for s in scores]
+        probs = [log_p.exp() for log_p in self._key_log_probs(scores)]  # no mass on ids ≥ n
         if self.kind == "flat":
             ((experts, _),) = keys
             return gates, probs[0][:, experts].sum(dim=0)  # (S,)

@@ -14,14 +14,14 @@ from pragnosia_pl.router import Router
 
 
 def all_log_probs(router: Router, h: torch.Tensor) -> torch.Tensor:
-    """log p(e | t) for every token and every valid expert, by brute force: (N, n)."""
+    """log p(e | t) for every token and every valid expert, by brute force: (N, n), normalised over them."""
     scores = (h @ router.proj.weight.t()).float()
     if router.kind == "flat":
         return F.log_softmax(scores, dim=-1)
     n1, n2 = router.keys
     lp1, lp2 = F.log_softmax(scores[:, :n1], dim=-1), F.log_softmax(scores[:, n1:], dim=-1)
-    full = (lp1[:, :, None] + lp2[:, None, :]).flatten(1)  # (N, n1·n2), expert i·n2 + j
-    return full[:, : router.num_experts]
+    full = (lp1[:, :, None] + lp2[:, None, :]).flatten(1)[:, : router.num_experts]  # (N, n), expert i·n2 + j
+    return full - full.logsumexp(dim=-1, keepdim=True)  # renormalised over the real ids (none past n)
 
 
 def raw_logits(router: Router, h: torch.Tensor) -> torch.Tensor:
@@ -164,3 +164,24 @@ def test_router_memory_does_not_grow_with_n():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         router(h)
     assert sum(saved.values()) < num_tokens * sum(router.keys) * 4 / 8
+
+
+@pytest.mark.parametrize("num_experts", [7, 50, 1000])
+def test_no_probability_reaches_an_id_past_n(num_experts):
+    """Product keys with n ≠ n1·n2 (7 = 3·3 - 2, 50 = 8·7 - 6, 1000 = 32·32 - 24): each token's probabilities over
+    the n real experts sum to 1, and the balance term's P_i are those probabilities (brute force, renormalised over
+    ids < n). Mutation seen failing: the joint p1·p2 left unnormalised (22 % of the mass on ids ≥ 7 at n = 7)."""
+    torch.manual_seed(num_experts)
+    router = Router(16, num_experts, 2)
+    assert router.keys[0] * router.keys[1] != num_experts
+    torch.nn.init.normal_(router.proj.weight, std=1.0)
+    h = torch.randn(300, 16)
+    mass = router.expert_mass(h)  # (n,)
+    assert mass.shape == (num_experts,)
+    torch.testing.assert_close(mass.sum(), torch.tensor(300.0), rtol=1e-5, atol=0)
+    probs = all_log_probs(router, h).exp()  # (N, n)
+    torch.testing.assert_close(mass, probs.sum(dim=0), rtol=1e-4, atol=1e-5)
+    routing = router(h)
+    fraction = torch.bincount(routing.positions.flatten(), minlength=routing.working_set.numel()) / (300 * 2)
+    expected = num_experts * (fraction * probs.mean(dim=0)[routing.working_set]).sum()
+    torch.testing.assert_close(routing.balance_loss, expected, rtol=1e-4, atol=1e-6)
