@@ -14,8 +14,8 @@ from torch import nn
 from typing_extensions import override
 
 from pragnosia_pl.experts import ExpertLayout, FlatSGD, feed_forward_expert
-from pragnosia_pl.lm_base import LanguageModel, check_positive, seeded
-from pragnosia_pl.model import FeedForward, init_weights
+from pragnosia_pl.lm_base import LanguageModel, check_positive, router_stream, seeded
+from pragnosia_pl.model import FeedForward, Placement, init_weights
 from pragnosia_pl.router import Router
 
 
@@ -40,6 +40,8 @@ class GlobalMoE(LanguageModel):
         router: ``flat`` (standard) or ``product``.
         grad_clip: max norm of the shared gradient and of each expert's (0 disables).
         seed: the backbone and router come from ``seed``, expert e from ``(seed, e)``.
+        expert_layers: where the expert layers sit: ``top`` (one after the last block), ``every_other`` or ``every``
+            (in place of those blocks' feed-forward), as ``PragnosiaLM``'s; expert e of layer l is ``(seed, l·n + e)``.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -62,8 +64,9 @@ class GlobalMoE(LanguageModel):
         router: Literal["flat", "product"] = "flat",
         grad_clip: float = 1.0,
         seed: int = 0,
+        expert_layers: Placement = "top",
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_experts=num_experts, num_active_experts=num_active_experts, expert_hidden=hidden)
@@ -71,30 +74,38 @@ class GlobalMoE(LanguageModel):
             raise ValueError(
                 f"model.num_active_experts ({num_active_experts}) must be ≤ model.num_experts ({num_experts})"
             )
-        with seeded(seed, 1):
-            self.router = Router(d_model, num_experts, num_active_experts, router=router)
+        self.routers = nn.ModuleList()
+        for layer in range(len(self.placement.after)):
+            with seeded(seed, router_stream(layer)):
+                self.routers.append(Router(d_model, num_experts, num_active_experts, router=router))
         layout = ExpertLayout(lambda: feed_forward_expert(d_model, hidden), FlatSGD(0.0), seed)
-        self.experts = nn.ModuleList(FeedForward(d_model, hidden) for _ in range(num_experts))
+        # expert e of layer l at l·n + e, as in PragnosiaLM's store
+        self.experts = nn.ModuleList(FeedForward(d_model, hidden) for _ in range(num_experts * len(self.routers)))
         for expert_id, expert in enumerate(self.experts):
             torch.nn.utils.vector_to_parameters(layout.init_params(expert_id), expert.parameters())
 
     @override
     def shared_parameters(self) -> list[nn.Parameter]:
-        return [*self.backbone.parameters(), *self.router.parameters()]
+        return [*self.backbone.parameters(), *self.routers.parameters()]
 
     def _mix(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T = tokens.shape
-        h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
-        routing = self.router(h)  # per-token top-k over all n
-        groups = routing.groups()
-        mixture = torch.zeros_like(h)  # (N, d)
-        for position, expert_id in enumerate(groups.expert_ids):
-            rows = groups.rows(position)
-            token_idx = groups.token_idx[rows]
-            expert_out = self.experts[expert_id](h[token_idx])  # (N_e, d)
-            mixture = mixture.index_add(0, token_idx, groups.gates[rows, None] * expert_out)
-        logits = self.backbone.logits(h + mixture).view(B, T, -1)  # (B, T, V)
-        return logits, routing.balance_loss
+        x = self.backbone.embed_tokens(tokens)  # (B, T, d)
+        balance_losses = []
+        for layer, (start, stop) in enumerate(self.segments[:-1]):
+            x = self.backbone.run_blocks(x, start, stop)
+            h = x.flatten(0, 1)  # (N, d)
+            routing = self.routers[layer](h)  # per-token top-k over all n
+            groups = routing.groups()
+            mixture = torch.zeros_like(h)  # (N, d)
+            for position, expert_id in enumerate(groups.expert_ids):
+                rows = groups.rows(position)
+                token_idx = groups.token_idx[rows]
+                expert_out = self.experts[layer * self.hparams.num_experts + expert_id](h[token_idx])  # (N_e, d)
+                mixture = mixture.index_add(0, token_idx, groups.gates[rows, None] * expert_out)
+            x = (h + mixture).view_as(x)
+            balance_losses.append(routing.balance_loss)
+        logits = self.backbone.logits(self.backbone.run_blocks(x, *self.segments[-1]))  # (B, T, V)
+        return logits, torch.stack(balance_losses).mean()
 
     @override
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -131,6 +142,8 @@ class DenseLM(LanguageModel):
         lr: AdamW learning rate.
         grad_clip: max norm of the gradient (0 disables).
         seed: the backbone comes from ``seed`` (as in every model), the FFN from ``(seed, 2)``.
+        expert_layers: where the MoE it is compared with has its expert layers: the FFN of k experts' width sits
+            there (``top``: one after the last block; ``every_other``, ``every``: in place of those blocks').
 
     Raises:
         ValueError: on a non-positive size; the message names the YAML key.
@@ -150,19 +163,25 @@ class DenseLM(LanguageModel):
         lr: float = 1e-3,
         grad_clip: float = 1.0,
         seed: int = 0,
+        expert_layers: Placement = "top",
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_active_experts=num_active_experts, expert_hidden=hidden)
-        with seeded(seed, 2):
-            self.ffn = FeedForward(d_model, num_active_experts * hidden)
-            self.ffn.apply(init_weights)
+        self.ffns = nn.ModuleList()
+        for layer in range(len(self.placement.after)):
+            with seeded(seed, 2 if layer == 0 else 2**10 + layer):
+                self.ffns.append(FeedForward(d_model, num_active_experts * hidden))
+                self.ffns[-1].apply(init_weights)
 
     @override
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.backbone.trunk(tokens)  # (B, T, d)
-        return self.backbone.logits(h + self.ffn(h))  # (B, T, V)
+        x = self.backbone.embed_tokens(tokens)  # (B, T, d)
+        for ffn, (start, stop) in zip(self.ffns, self.segments[:-1]):
+            x = self.backbone.run_blocks(x, start, stop)
+            x = x + ffn(x)
+        return self.backbone.logits(self.backbone.run_blocks(x, *self.segments[-1]))  # (B, T, V)
 
     @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

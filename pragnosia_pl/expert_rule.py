@@ -68,10 +68,13 @@ class ExpertRule:
         self.updates = 0  # expert optimizer steps since this object was built
         self.skipped: list[int] = []  # experts whose update was skipped, since the last take_skipped()
 
-    def local_step(self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor) -> LocalStep:
-        """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss."""
+    def local_step(
+        self, record: torch.Tensor, h_e: torch.Tensor, targets_e: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> LocalStep:
+        """Train the expert held in ``record`` (R,) on its tokens ``h_e`` (N_e, d) with its local loss (computed in
+        ``dtype`` under mixed precision; the record stays float32)."""
         params = self.layout.split(record)[0]
-        expert_out, saved = self.layout.forward_saving(params, h_e)  # (N_e, d)
+        expert_out, saved = self.layout.forward_saving(params, h_e, dtype)  # (N_e, d)
         with torch.enable_grad():  # autograd over the local loss alone: the expert's backward is the layout's
             out = expert_out.requires_grad_(True)
             local_loss = self.local_loss(h_e, out, targets_e)
@@ -84,13 +87,18 @@ class ExpertRule:
         updated = self._step(record, grad, finite)
         return LocalStep(expert_out.detach(), local_loss.detach(), updated)
 
-    def exact_step(self, record: torch.Tensor, grad_out: torch.Tensor, saved: Any) -> tuple[torch.Tensor, bool]:
+    def exact_step(
+        self, record: torch.Tensor, grad_out: torch.Tensor, saved: Any, grad_scale: float = 1.0
+    ) -> tuple[torch.Tensor, bool]:
         """Step the expert in ``record`` on ``grad_out`` (N_e, d), the shared loss's gradient w.r.t. its output at
         its tokens (gate included), through what its forward at them saved (``ExpertLayout.forward_saving``, in the
-        first pass or run again). Returns the gradient w.r.t. its input (N_e, d), taken at the pre-step parameters,
-        and whether the record was updated."""
+        first pass or run again). ``grad_scale``: the loss scale ``grad_out`` carries (a ``GradScaler``'s), divided
+        out of the expert's gradient before its step. Returns the gradient w.r.t. its input (N_e, d), taken at the
+        pre-step parameters and still scaled, and whether the record was updated."""
         params = self.layout.split(record)[0]
         grad, grad_in = self.layout.backward(params, saved, grad_out, input_grad=True)  # (P,), (N_e, d)
+        if grad_scale != 1.0:
+            grad.div_(grad_scale)
         grad = average_across_ranks(grad, group=self.group)
         # the one host sync per expert (the step is in place, so finiteness is checked first); the clip then costs
         # Python arithmetic and, only when it clips, one pass: clip_grad_norm_'s formula

@@ -164,24 +164,38 @@ class ExpertLayout:
             self._views.popitem(last=False)
         return views
 
-    def forward(self, flat_params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Run the expert held in ``flat_params`` (P,) on ``x`` (N, d) -> (N, d)."""
-        return self.forward_named(self.param_views(flat_params), x)
+    def forward(self, flat_params: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Run the expert held in ``flat_params`` (P,) on ``x`` (N, d) -> (N, d); ``dtype``: compute in it (mixed
+        precision: the record stays float32)."""
+        return self.forward_named(self.param_views(flat_params), x, dtype)
 
-    def forward_named(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward_named(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """Run the expert with ``params`` by name on ``x`` (N, d) -> (N, d): through its class's
-        ``functional_forward(params, x)`` when it has one (the default FFN does), else ``functional_call``."""
-        if self._functional is not None:
-            return self._functional(params, x)
+        ``functional_forward(params, x)`` when it has one (the default FFN does), else ``functional_call``; with
+        ``dtype`` under autocast to it (the default FFN casts itself, as autocast would)."""
+        if dtype is None:
+            return self._functional(params, x) if self._functional is not None else self._call(params, x)
+        if self.manual_backward:
+            return self._functional(params, x, dtype)
+        with torch.autocast(x.device.type, dtype=dtype):
+            return self._functional(params, x) if self._functional is not None else self._call(params, x)
+
+    def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.template, params, (x,))
 
-    def forward_saving(self, flat_params: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """The expert held in ``flat_params`` (P,) run on ``x`` (N, d): its output (N, d), detached, and what
-        :meth:`backward` needs. Nothing saved refers to ``flat_params``: the expert may leave its slot before its
-        backward, which reads its (unchanged) parameters from wherever it is then."""
+    def forward_saving(
+        self, flat_params: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """The expert held in ``flat_params`` (P,) run on ``x`` (N, d) (in ``dtype``, when given): its output (N, d),
+        detached, and what :meth:`backward` needs. Nothing saved refers to ``flat_params``: the expert may leave its
+        slot before its backward, which reads its (unchanged) parameters from wherever it is then."""
         if self.manual_backward:
-            return self._forward_saving(self.param_views(flat_params), x)
-        return _AutogradForward(self, flat_params, x).output()
+            if dtype is None:
+                return self._forward_saving(self.param_views(flat_params), x)
+            return self._forward_saving(self.param_views(flat_params), x, dtype)
+        return _AutogradForward(self, flat_params, x, dtype).output()
 
     def backward(
         self, flat_params: torch.Tensor, saved: Any, grad_out: torch.Tensor, input_grad: bool
@@ -221,7 +235,9 @@ class _AutogradForward:
     autograd, the graph kept. The saved parameters are views of the slot, which may hold another expert by the
     backward: they are saved as positions in the record and read, at the backward, from the slot given then."""
 
-    def __init__(self, layout: ExpertLayout, flat_params: torch.Tensor, x: torch.Tensor) -> None:
+    def __init__(
+        self, layout: ExpertLayout, flat_params: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> None:
         self.flat_params = flat_params
         slot_storage = flat_params.untyped_storage().data_ptr()
 
@@ -241,7 +257,7 @@ class _AutogradForward:
             # one leaf per parameter: a gradient w.r.t. one flat leaf would scatter each into a zeroed (P,) tensor
             self.leaves = {name: _alias(v).requires_grad_(True) for name, v in layout.param_views(flat_params).items()}
             self.x = x.detach().requires_grad_(True)
-            self.out = layout.forward_named(self.leaves, self.x)  # (N, d)
+            self.out = layout.forward_named(self.leaves, self.x, dtype)  # (N, d)
 
     def output(self) -> tuple[torch.Tensor, _AutogradForward]:
         return self.out.detach(), self

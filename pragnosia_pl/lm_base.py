@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from pragnosia_pl.model import Backbone
+from pragnosia_pl.model import Backbone, ExpertPlacement, Placement
 
 VOCAB_SIZE = 256  # token ids: the data is bytes (``TextDomains`` yields byte ids)
 MAX_LEN = 1024  # positions of the rotary table: the longest sequence (``data.block_size``) any model takes
@@ -39,6 +39,19 @@ def seeded(seed: int, stream: int) -> Iterator[None]:
         yield
 
 
+def router_stream(layer: int) -> int:
+    """The :func:`seeded` stream of expert layer ``layer``'s router (the backbone is stream 0, DenseLM's FFNs 2)."""
+    return 1 if layer == 0 else 16 + layer
+
+
+def compute_dtype(device: torch.device) -> torch.dtype | None:
+    """The lower precision autocast runs matrix products in on ``device`` now (``bf16-mixed``, ``16-mixed``), or
+    ``None`` outside autocast: what the experts, run outside autograd, compute in."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 class LanguageModel(LightningModule):
     """Base of ``PragnosiaLM``, ``GlobalMoE`` and ``DenseLM``: backbone, shared AdamW, validation metrics.
 
@@ -51,7 +64,14 @@ class LanguageModel(LightningModule):
     """
 
     def __init__(
-        self, d_model: int, n_shared_layers: int, n_heads: int, lr: float, seed: int, grad_clip: float
+        self,
+        d_model: int,
+        n_shared_layers: int,
+        n_heads: int,
+        lr: float,
+        seed: int,
+        grad_clip: float,
+        expert_layers: Placement = "top",
     ) -> None:
         super().__init__()
         check_positive(d_model=d_model, n_heads=n_heads, lr=lr)
@@ -61,8 +81,12 @@ class LanguageModel(LightningModule):
             raise ValueError(f"model.d_model ({d_model}) must be divisible by model.n_heads ({n_heads})")
         if grad_clip < 0:
             raise ValueError(f"model.grad_clip ({grad_clip}) must be ≥ 0 (0 disables clipping)")
+        self.placement = ExpertPlacement.build(expert_layers, n_shared_layers)
+        self.segments = self.placement.segments(n_shared_layers)  # blocks before each expert layer, then the rest
         with seeded(seed, 0):
-            self.backbone = Backbone(VOCAB_SIZE, d_model, n_shared_layers, n_heads, MAX_LEN)
+            self.backbone = Backbone(
+                VOCAB_SIZE, d_model, n_shared_layers, n_heads, MAX_LEN, without_ffn=self.placement.replaced
+            )
         self.val_losses: dict[str, MeanMetric] = {}
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:

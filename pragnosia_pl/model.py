@@ -6,6 +6,7 @@ Shape letters: B batch, T time, d width, N = B·T tokens, V vocabulary.
 from __future__ import annotations
 
 import math
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,24 +61,27 @@ class FeedForward(nn.Module):
         return self.down(F.gelu(self.up(self.norm(x))))
 
     @staticmethod
-    def functional_forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def functional_forward(
+        params: dict[str, torch.Tensor], x: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """``forward`` with the parameters given by name (an expert held in a slot): the same ops, without
-        ``functional_call``'s per-call swap of module parameters."""
-        h = F.layer_norm(x, (x.size(-1),), params["norm.weight"], params["norm.bias"])
-        return F.linear(
-            F.gelu(F.linear(h, params["up.weight"], params["up.bias"])), params["down.weight"], params["down.bias"]
-        )
+        ``functional_call``'s per-call swap of module parameters. ``dtype``: the matrix products' (mixed precision,
+        as autocast runs them: the norm in the input's precision, the linear layers in ``dtype``)."""
+        return FeedForward.functional_forward_saving(params, x, dtype)[0]
 
     @staticmethod
     def functional_forward_saving(
-        params: dict[str, torch.Tensor], x: torch.Tensor
+        params: dict[str, torch.Tensor], x: torch.Tensor, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``functional_forward`` and what :meth:`functional_backward` needs: the activations autograd would save,
         none of the parameters (they are read again at the backward, from wherever the expert is then)."""
+        up_w, up_b, down_w, down_b = _linear_params(params, dtype)
         x_norm, mean, rstd = torch.native_layer_norm(x, (x.size(-1),), params["norm.weight"], params["norm.bias"], 1e-5)
-        hidden = F.linear(x_norm, params["up.weight"], params["up.bias"])  # (N, H)
+        if dtype is not None:
+            x_norm = x_norm.to(dtype)
+        hidden = F.linear(x_norm, up_w, up_b)  # (N, H)
         act = F.gelu(hidden)  # (N, H)
-        return F.linear(act, params["down.weight"], params["down.bias"]), [x, x_norm, mean, rstd, hidden, act]
+        return F.linear(act, down_w, down_b), [x, x_norm, mean, rstd, hidden, act]
 
     @staticmethod
     def functional_backward(
@@ -90,24 +94,29 @@ class FeedForward(nn.Module):
         """The vector-Jacobian product of ``functional_forward`` at ``grad_out`` (N, d), without autograd: each
         parameter's gradient written into ``grads[name]`` (views of one flat buffer, so nothing is concatenated);
         returns the input's gradient (N, d) when ``input_grad``, else ``None``. The same kernels, in the same
-        order, as autograd runs: bit-identical to it (a test).
+        order, as autograd runs: bit-identical to it (a test). A forward in mixed precision (its saved activations
+        in a lower dtype) is differentiated in that dtype, each gradient then cast to the parameters' float32, as
+        autograd through autocast's casts does.
 
         It consumes ``saved`` (emptied) and drops each activation as soon as it has used it, as autograd frees a
         graph's saved tensors during its backward: the (N, H) tensors never live all four at once."""
         x, x_norm, mean, rstd, hidden, act = saved
         saved.clear()
-        torch.mm(grad_out.t(), act, out=grads["down.weight"])  # (d, H)
+        dtype = act.dtype if act.dtype != grads["down.weight"].dtype else None
+        _, _, down_w, _ = _linear_params(params, dtype)
+        grad_out = grad_out if dtype is None else grad_out.to(dtype)
+        _into(grads["down.weight"], torch.mm, grad_out.t(), act)  # (d, H)
         del act
-        torch.sum(grad_out, 0, out=grads["down.bias"])
-        grad_act = torch.mm(grad_out, params["down.weight"])  # (N, H)
+        _into(grads["down.bias"], torch.sum, grad_out, 0)
+        grad_act = torch.mm(grad_out, down_w)  # (N, H)
         grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)  # (N, H)
         del grad_act, hidden
-        torch.mm(grad_hidden.t(), x_norm, out=grads["up.weight"])  # (H, d)
-        torch.sum(grad_hidden, 0, out=grads["up.bias"])
-        grad_x_norm = torch.mm(grad_hidden, params["up.weight"])  # (N, d)
+        _into(grads["up.weight"], torch.mm, grad_hidden.t(), x_norm)  # (H, d)
+        _into(grads["up.bias"], torch.sum, grad_hidden, 0)
+        grad_x_norm = torch.mm(grad_hidden, params["up.weight"] if dtype is None else params["up.weight"].to(dtype))
         del grad_hidden, x_norm
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_x_norm,
+            grad_x_norm.to(x.dtype),
             x,
             (x.size(-1),),
             mean,
@@ -121,18 +130,67 @@ class FeedForward(nn.Module):
         return grad_x
 
 
-class Block(nn.Module):
-    """Pre-norm causal transformer block."""
+def _linear_params(params: dict[str, torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    names = ("up.weight", "up.bias", "down.weight", "down.bias")
+    return [params[name] if dtype is None else params[name].to(dtype) for name in names]
 
-    def __init__(self, d_model: int, n_heads: int, max_len: int) -> None:
+
+def _into(out: torch.Tensor, op, *args) -> None:
+    """``op(*args, out=out)`` when the result has ``out``'s dtype (no copy), else computed and cast into it."""
+    if args[0].dtype == out.dtype:
+        op(*args, out=out)
+    else:
+        out.copy_(op(*args))
+
+
+class Block(nn.Module):
+    """Pre-norm causal transformer block; without ``ffn`` its attention only (an expert layer, held by the model,
+    takes the place of its feed-forward)."""
+
+    def __init__(self, d_model: int, n_heads: int, max_len: int, ffn: bool = True) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, n_heads, max_len)
-        self.ffn = FeedForward(d_model, 4 * d_model)
+        self.ffn = FeedForward(d_model, 4 * d_model) if ffn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm(x))
-        return x + self.ffn(x)
+        return x if self.ffn is None else x + self.ffn(x)
+
+
+Placement = Literal["top", "every_other", "every"]
+PLACEMENTS = ("top", "every_other", "every")
+
+
+class ExpertPlacement(NamedTuple):
+    """Where a model's expert layers sit in its stack of ``n_layers`` blocks (``model.expert_layers``).
+
+    - ``top``: one expert layer after the last block, which keeps its feed-forward (the seed's model);
+    - ``every_other``: the feed-forward of blocks 1, 3, 5, … is an expert layer (Switch, GShard);
+    - ``every``: the feed-forward of every block is an expert layer (Mixtral).
+    """
+
+    after: list[int]  # expert layer l runs after the first after[l] blocks
+    replaced: set[int]  # blocks whose feed-forward an expert layer takes the place of
+
+    @classmethod
+    def build(cls, placement: Placement, n_layers: int) -> ExpertPlacement:
+        if placement not in PLACEMENTS:
+            raise ValueError(f"model.expert_layers ({placement!r}) must be one of: {', '.join(PLACEMENTS)}")
+        if placement == "top":
+            return cls([n_layers], set())
+        replaced = list(range(1, n_layers, 2)) if placement == "every_other" else list(range(n_layers))
+        if not replaced:
+            raise ValueError(
+                f"model.expert_layers ({placement!r}) places no expert layer in {n_layers} block(s): "
+                "raise model.n_shared_layers or use top"
+            )
+        return cls([block + 1 for block in replaced], set(replaced))
+
+    def segments(self, n_layers: int) -> list[tuple[int, int]]:
+        """The runs of blocks ``[start, stop)`` before each expert layer, then the run after the last one."""
+        bounds = [0, *self.after, n_layers]
+        return list(zip(bounds[:-1], bounds[1:]))
 
 
 class Backbone(nn.Module):
@@ -149,11 +207,21 @@ class Backbone(nn.Module):
         ValueError: (from :meth:`trunk`) on a sequence longer than ``max_len``.
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, max_len: int) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        max_len: int,
+        without_ffn: set[int] = frozenset(),
+    ) -> None:
         super().__init__()
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, max_len) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, max_len, ffn=i not in without_ffn) for i in range(n_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
         self.apply(init_weights)
         for name, p in self.named_parameters():
@@ -161,15 +229,22 @@ class Backbone(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * max(n_layers, 1)))
 
     def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding and every block: (B, T) -> (B, T, d)."""
+        return self.run_blocks(self.embed_tokens(tokens), 0, len(self.blocks))
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.size(1) > self.max_len:
             raise ValueError(
                 f"a sequence of {tokens.size(1)} tokens exceeds the {self.max_len} positions of the model's rotary "
                 f"table: data.block_size must be ≤ {self.max_len}"
             )
-        h = self.embed(tokens)  # (B, T, d)
-        for block in self.blocks:
-            h = block(h)
-        return h  # (B, T, d)
+        return self.embed(tokens)  # (B, T, d)
+
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start`` to ``stop - 1`` over ``x`` (B, T, d)."""
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x  # (B, T, d)
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         return F.linear(self.norm(z), self.embed.weight)  # (..., V)

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from typing_extensions import override
@@ -21,9 +21,11 @@ from pragnosia_pl.distributed import expert_group, sum_across_ranks, world_size
 from pragnosia_pl.expert_cache import ExpertCache
 from pragnosia_pl.expert_rule import ExpertRule, Objective, ThroughExperts
 from pragnosia_pl.experts import ExpertLayout, feed_forward_expert, make_expert_optimizer
-from pragnosia_pl.lm_base import LanguageModel, check_positive, seeded
+from pragnosia_pl.lm_base import LanguageModel, check_positive, compute_dtype, router_stream, seeded
+from pragnosia_pl.model import Placement
 from pragnosia_pl.residency import ExpertResidency, StoreKind
 from pragnosia_pl.router import ExpertGroups, Router
+from pragnosia_pl.schedules import schedule_factor
 from pragnosia_pl.store import STORE_KINDS, ExpertStore
 
 MAX_NONFINITE = 20  # consecutive steps with a skipped (NaN/inf) update before training stops
@@ -121,8 +123,9 @@ class PragnosiaLM(LanguageModel):
         grad_clip: float = 1.0,
         seed: int = 0,
         experts_per_domain: int | None = None,
+        expert_layers: Placement = "top",
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers)
         self.save_hyperparameters()
         self.expert_slots = expert_slots
         self.expert_hidden = 4 * d_model if expert_hidden is None else expert_hidden
@@ -146,9 +149,21 @@ class PragnosiaLM(LanguageModel):
             raise ValueError(f"model.micro_batch ({micro_batch}) must be ≥ 1 or null (the whole batch)")
         if store not in STORE_KINDS:
             raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORE_KINDS)}")
+        if experts_per_domain is not None and len(self.placement.after) > 1:
+            raise ValueError(
+                f"model.experts_per_domain works with model.expert_layers: top only (got {expert_layers!r})"
+            )
+        if objective == "exact" and (expert_optimizer != "adam" or local_lr != lr):
+            rank_zero_warn(
+                f"model.objective exact with model.expert_optimizer {expert_optimizer} and model.local_lr {local_lr} "
+                f"(model.lr {lr}): the experts step by their own rule, so the update is not GlobalMoE's; it is with "
+                "expert_optimizer: adam and local_lr equal to lr"
+            )
         self.automatic_optimization = False
-        with seeded(seed, 1):
-            self.router = Router(d_model, num_experts, num_active_experts, router=router)
+        self.routers = nn.ModuleList()
+        for layer in range(len(self.placement.after)):
+            with seeded(seed, router_stream(layer)):
+                self.routers.append(Router(d_model, num_experts, num_active_experts, router=router))
         self.consolidation = (
             None if experts_per_domain is None else Consolidation(experts_per_domain, num_experts, num_active_experts)
         )
@@ -156,7 +171,7 @@ class PragnosiaLM(LanguageModel):
         self.rule = ExpertRule(objective, self.layout, self.layout.optimizer, grad_clip, self.local_loss)
         self.residency = ExpertResidency(
             store,
-            num_experts,
+            num_experts * len(self.routers),  # one store: expert e of layer l is record l·n + e
             self.layout.record_numel,
             self.layout.init_record,
             capacity=expert_cache,
@@ -170,7 +185,6 @@ class PragnosiaLM(LanguageModel):
         self.skipped_expert_updates = 0  # non-finite local losses or gradients, since the run began
         self.skipped_shared_updates = 0
         self._nonfinite_streak = 0  # consecutive steps with a skipped update
-        self._kept: list | None = None  # exact, during a step: what each expert's first-pass forward saved for pass 2
 
     def build_expert(self) -> nn.Module:
         """A freshly initialised expert ``(N, d) -> (N, d)``; override for another expert architecture."""
@@ -203,30 +217,21 @@ class PragnosiaLM(LanguageModel):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokens, targets = batch  # (B, T), (B, T)
         cache, optimizer = self.experts(), self.optimizers()
-        targets = targets.flatten()  # (N,)
-        exact = self.rule.objective == "exact"
+        self._follow_schedule(optimizer)  # the experts' learning rate takes the shared one's schedule factor
+        step = _Step.new(cache, targets.flatten(), compute_dtype(tokens.device), self._grad_scale())
 
-        # 1. trunk and routing: every token to its top-k experts, grouped by expert in id order
-        h = self._trunk(tokens)  # (N, d)
-        groups, balance_loss = self._route(h)
-        h_in = h.detach()  # the experts never see the trunk's graph
-        # exact: the first pass keeps what each expert's forward saved for the second, unless micro_batch asks to
-        # bound the activations, which then run the expert's forward again (the whole batch's trunk graph, kept
-        # without micro_batch, is about twice the experts' saved activations)
-        self._kept = [] if exact and self.hparams.micro_batch is None else None
+        # 1-2. block by block; at each expert layer: route its tokens, then expert pass 1 (local: the updates)
+        x = self.backbone.embed_tokens(tokens)  # (B, T, d)
+        for layer, (start, stop) in enumerate(self.segments[:-1]):
+            x = self._expert_layer(layer, self._blocks(x, start, stop), step)
+        x = self._blocks(x, *self.segments[-1])
 
-        # 2. expert pass 1: each touched expert once, with all its tokens (local: its update too)
-        expert_out, local_losses = self._first_pass(cache, groups, h_in, targets)  # (N·k, d)
-
-        # 3. shared loss: the mixture's gradient reaches the router through the gates, no expert through o_e
-        mixture = torch.zeros_like(h_in).index_add(0, groups.token_idx, groups.gates[:, None] * expert_out)  # (N, d)
-        z = h + mixture  # (N, d)
-        if exact:  # 4. expert pass 2, inside the backward pass: each expert's update and its input gradient
-            z = z + ThroughExperts.apply(h, partial(self._second_pass, cache, groups, h_in))
-        lm_loss = F.cross_entropy(self.backbone.logits(z), targets)
+        # 3. shared loss: the mixtures' gradients reach the routers through the gates, no expert through o_e
+        lm_loss = F.cross_entropy(self.backbone.logits(x.flatten(0, 1)), step.targets)
+        balance_loss = torch.stack(step.balance_losses).mean()
         loss = lm_loss + self.hparams.balance_coef * balance_loss
 
-        # 5. backward (head, router, experts' second pass, trunk) and the shared update
+        # 4-5. backward: head, routers, each exact expert layer's pass 2 (last layer first), blocks; shared update
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         shared_updated = self._shared_update_is_finite(loss)
@@ -237,79 +242,126 @@ class PragnosiaLM(LanguageModel):
         else:
             self.clip_shared_gradients()
         optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()  # manual optimization: Lightning steps no scheduler; once per training step
         self._count_skipped_updates(shared_updated)
 
-        self.usage.update(groups.expert_ids)
-        self._epoch_usage.update(groups.expert_ids)
-        self._kept = None
+        self.usage.update(step.touched)
+        self._epoch_usage.update(step.touched)
         self.log("train/loss", lm_loss, prog_bar=True, sync_dist=True)
-        if local_losses:
-            self.log("train/local_loss", torch.stack(local_losses).mean())
+        if step.local_losses:
+            self.log("train/local_loss", torch.stack(step.local_losses).mean())
         self.log("train/balance_loss", balance_loss.detach())
-        self.log("train/touched_experts", float(len(groups.expert_ids)))
+        self.log("train/touched_experts", float(len(step.touched)))
         return loss.detach()
 
-    def _trunk(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``h`` (N, d): the trunk over ``micro_batch`` sequences at a time, each recomputed in the backward pass,
+    def _follow_schedule(self, optimizer: Any) -> None:
+        factor = schedule_factor(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        self.layout.optimizer.lr = self.hparams.local_lr * factor
+
+    def _grad_scale(self) -> float:
+        """The loss scale of a ``GradScaler`` (``16-mixed``), by which ``exact``'s expert gradients come scaled."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def _blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``[start, stop)`` over ``micro_batch`` sequences at a time, each recomputed in the backward pass,
         so only one micro-batch's activations are ever held."""
         micro_batch = self.hparams.micro_batch
-        if micro_batch is None or micro_batch >= tokens.size(0) or not torch.is_grad_enabled():
-            return self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
-        parts = [checkpoint(self.backbone.trunk, part, use_reentrant=False) for part in tokens.split(micro_batch)]
-        return torch.cat(parts).flatten(0, 1)  # (N, d)
+        if start == stop:
+            return x
+        if micro_batch is None or micro_batch >= x.size(0) or not torch.is_grad_enabled():
+            return self.backbone.run_blocks(x, start, stop)  # (B, T, d)
+        run = partial(self.backbone.run_blocks, start=start, stop=stop)
+        return torch.cat([checkpoint(run, part, use_reentrant=False) for part in x.split(micro_batch)])
 
-    def _route(self, h: torch.Tensor) -> tuple[ExpertGroups, torch.Tensor]:
+    def _expert_layer(self, layer: int, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        """``x + Σ_e g_e · o_e`` (B, T, d) for expert layer ``layer``: its tokens routed, its touched experts visited
+        once in id order (pass 1); ``exact`` hands its pass 2 to the backward pass."""
+        B, T, d = x.shape
+        h = x.flatten(0, 1)  # (N, d)
+        groups, balance_loss = self._route(layer, h)
+        h_in = h.detach()  # the experts never see the blocks' graph
+        # exact: the first pass keeps what each expert's forward saved for the second, unless micro_batch asks to
+        # bound the activations, which then run the expert's forward again (the whole batch's trunk graph, kept
+        # without micro_batch, is about twice the experts' saved activations)
+        kept = [] if self.rule.objective == "exact" and self.hparams.micro_batch is None else None
+        expert_out = self._first_pass(layer, step, groups, h_in, kept)  # (N·k, d)
+        mixture = torch.zeros_like(h_in).index_add(0, groups.token_idx, groups.gates[:, None] * expert_out)  # (N, d)
+        z = h + mixture  # (N, d)
+        if self.rule.objective == "exact":  # pass 2, inside the backward: each expert's update, its input gradient
+            z = z + ThroughExperts.apply(h, partial(self._second_pass, layer, step, groups, h_in, kept))
+        step.balance_losses.append(balance_loss)
+        step.touched.extend(self._global_ids(layer, groups.expert_ids))
+        return z.view(B, T, d)
+
+    def _global_ids(self, layer: int, expert_ids: list[int]) -> list[int]:
+        """Expert layer ``layer``'s experts as ids in the one store: ``layer · n + e``."""
+        offset = layer * self.hparams.num_experts
+        return [offset + e for e in expert_ids] if offset else expert_ids
+
+    def _route(self, layer: int, h: torch.Tensor) -> tuple[ExpertGroups, torch.Tensor]:
+        router = self.routers[layer]
         candidates = None  # (m,) with consolidation: the open domain's experts
         if self.consolidation is not None:
-            candidates = self.consolidation.training_candidates(h, self.router, reduce=sum_across_ranks)
-        routing = self.router(  # every rank: the same experts (the union of theirs), the same order
+            candidates = self.consolidation.training_candidates(h, router, reduce=sum_across_ranks)
+        routing = router(  # every rank: the same experts (the union of theirs), the same order
             h, self.expert_slots, mass_hook=sum_across_ranks if world_size() > 1 else None, candidates=candidates
         )
         return routing.groups(), routing.balance_loss
 
     def _first_pass(
-        self, cache: ExpertCache, groups: ExpertGroups, h_in: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Every touched expert's output at its tokens, in ``groups``' row order (N·k, d), detached; ``local``:
-        each expert's update on its local loss, and those losses."""
+        self, layer: int, step: _Step, groups: ExpertGroups, h_in: torch.Tensor, kept: list | None
+    ) -> torch.Tensor:
+        """Every touched expert's output at its tokens, in ``groups``' row order (N·k, d), detached; ``exact``:
+        what each forward saved, into ``kept`` (when given); ``local``: each expert's update on its local loss."""
         expert_out = h_in.new_empty(groups.token_idx.numel(), h_in.size(1))  # (N·k, d)
         inputs = _PairRows(h_in, groups, gather_once=self.hparams.micro_batch is None)  # each expert's (N_e, d)
-        target_pairs = targets[groups.token_idx] if self.rule.objective == "local" else None  # (N·k,)
-        local_losses: list[torch.Tensor] = []
-        for position, (expert_id, record) in enumerate(cache.stream(groups.expert_ids)):
+        target_pairs = step.targets[groups.token_idx] if self.rule.objective == "local" else None  # (N·k,)
+        for position, (expert_id, record) in enumerate(step.cache.stream(self._global_ids(layer, groups.expert_ids))):
             rows = groups.rows(position)
-            if self.rule.objective == "exact" and self._kept is not None:
-                expert_out[rows], saved = self.layout.forward_saving(self.layout.split(record)[0], inputs[rows])
-                self._kept.append(saved)
-                continue
-            if self.rule.objective == "exact":
+            params = self.layout.split(record)[0]
+            if kept is not None:
+                expert_out[rows], saved = self.layout.forward_saving(params, inputs[rows], step.dtype)
+                kept.append(saved)
+            elif self.rule.objective == "exact":
                 with torch.no_grad():
-                    expert_out[rows] = self.layout.forward(self.layout.split(record)[0], inputs[rows])
-                continue
-            out, local_loss, updated = self.rule.local_step(record, inputs[rows], target_pairs[rows])
-            expert_out[rows] = out
-            local_losses.append(local_loss)
-            self._after_update(cache, expert_id, updated)
-        return expert_out, local_losses
+                    expert_out[rows] = self.layout.forward(params, inputs[rows], step.dtype)
+            else:
+                out, local_loss, updated = self.rule.local_step(record, inputs[rows], target_pairs[rows], step.dtype)
+                expert_out[rows] = out
+                step.local_losses.append(local_loss)
+                self._after_update(step.cache, expert_id, updated)
+        return expert_out
 
     def _second_pass(
-        self, cache: ExpertCache, groups: ExpertGroups, h_in: torch.Tensor, grad_z: torch.Tensor
+        self,
+        layer: int,
+        step: _Step,
+        groups: ExpertGroups,
+        h_in: torch.Tensor,
+        kept: list | None,
+        grad_z: torch.Tensor,
     ) -> torch.Tensor:
-        """``exact``: each touched expert steps on the LM loss's gradient for it; returns the trunk's gradient
-        through the experts, ``Σ_e J_e(h)ᵀ (g_e · dL/dz)`` (N, d). Visits the experts in descending id order,
-        so the ones the first pass left in the cache are hits."""
+        """``exact``: each touched expert of ``layer`` steps on the LM loss's gradient for it; returns the blocks'
+        gradient through the experts, ``Σ_e J_e(h)ᵀ (g_e · dL/dz)`` (N, d). Visits the experts in descending id
+        order, so the ones the first pass left in the cache are hits."""
         grad_h = torch.zeros_like(h_in)  # (N, d)
         grad_outs = _PairRows(grad_z, groups, self.hparams.micro_batch is None, gates=groups.gates.detach())
         order = list(reversed(range(len(groups.expert_ids))))
-        for position, (expert_id, record) in zip(order, cache.stream(groups.expert_ids[::-1])):
+        expert_ids = self._global_ids(layer, groups.expert_ids)[::-1]
+        for position, (expert_id, record) in zip(order, step.cache.stream(expert_ids)):
             rows = groups.rows(position)
-            if self._kept is not None:
-                saved = self._kept[position]
+            if kept is not None:
+                saved = kept[position]
+                kept[position] = None  # spent: freed as this layer's backward goes
             else:  # micro_batch: the expert's forward again, now
-                saved = self.layout.forward_saving(self.layout.split(record)[0], h_in[groups.token_idx[rows]])[1]
-            grad_in, updated = self.rule.exact_step(record, grad_outs[rows], saved)
-            grad_h.index_add_(0, groups.token_idx[rows], grad_in)
-            self._after_update(cache, expert_id, updated)
+                params = self.layout.split(record)[0]
+                saved = self.layout.forward_saving(params, h_in[groups.token_idx[rows]], step.dtype)[1]
+            grad_in, updated = self.rule.exact_step(record, grad_outs[rows], saved, step.grad_scale)
+            grad_h.index_add_(0, groups.token_idx[rows], grad_in.to(grad_h.dtype))
+            self._after_update(step.cache, expert_id, updated)
         return grad_h
 
     def _after_update(self, cache: ExpertCache, expert_id: int, updated: bool) -> None:
@@ -383,27 +435,34 @@ class PragnosiaLM(LanguageModel):
         the result is the average of their predictions weighted by each domain's posterior given the prefix
         (log-probabilities).
         """
-        B, T = tokens.shape
         domains = [] if self.consolidation is None else self.consolidation.eval_domains()
         if not domains:
-            h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
-            return self.backbone.logits(h + self._expert_mixture(h)).view(B, T, -1)  # (B, T, V)
+            return self._logits(tokens)  # (B, T, V)
         log_probs = []
         for domain in domains:
             with self._shared_weights(domain.shared):
-                h = self.backbone.trunk(tokens).flatten(0, 1)  # (N, d)
-                logits = self.backbone.logits(h + self._expert_mixture(h, domain.experts))  # (N, V)
-            log_probs.append(F.log_softmax(logits.float(), dim=-1).view(B, T, -1))
+                log_probs.append(F.log_softmax(self._logits(tokens, domain.experts).float(), dim=-1))
         return self.consolidation.mix(log_probs, tokens)  # (B, T, V)
 
-    def _expert_mixture(self, h: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """``Σ_e g_e · expert_e(h)`` (N, d): each token's own top-k experts (among ``candidates``), so no token's
-        experts depend on later tokens; the touched experts stream through the device slots in id order."""
-        groups = self.router(h, candidates=candidates).groups()
+    def _logits(self, tokens: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V): block by block, each expert layer a mixture of each token's own top-k experts (among
+        ``candidates``), so no token's experts depend on later tokens."""
+        x = self.backbone.embed_tokens(tokens)  # (B, T, d)
+        for layer, (start, stop) in enumerate(self.segments[:-1]):
+            x = self.backbone.run_blocks(x, start, stop)
+            h = x.flatten(0, 1)  # (N, d)
+            x = (h + self._expert_mixture(layer, h, candidates)).view_as(x)
+        return self.backbone.logits(self.backbone.run_blocks(x, *self.segments[-1]))  # (B, T, V)
+
+    def _expert_mixture(self, layer: int, h: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """``Σ_e g_e · expert_e(h)`` (N, d) of expert layer ``layer``; its touched experts stream through the device
+        slots in id order."""
+        groups = self.routers[layer](h, candidates=candidates).groups()
+        dtype = compute_dtype(h.device)
         expert_out = h.new_empty(groups.token_idx.numel(), h.size(1))  # (N·k, d)
-        for position, (_, record) in enumerate(self.experts().stream(groups.expert_ids)):
+        for position, (_, record) in enumerate(self.experts().stream(self._global_ids(layer, groups.expert_ids))):
             rows = groups.rows(position)
-            expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h[groups.token_idx[rows]])
+            expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h[groups.token_idx[rows]], dtype)
         return torch.zeros_like(h).index_add(0, groups.token_idx, groups.gates[:, None] * expert_out)  # (N, d)
 
     @contextmanager
@@ -467,6 +526,22 @@ class PragnosiaLM(LanguageModel):
     @override
     def teardown(self, stage: str) -> None:
         self.residency.flush()
+
+
+class _Step(NamedTuple):
+    """What a training step's expert layers share and gather, layer after layer."""
+
+    cache: ExpertCache
+    targets: torch.Tensor  # (N,)
+    dtype: torch.dtype | None  # the experts' compute dtype under mixed precision (None: their own, float32)
+    grad_scale: float  # 16-mixed: the GradScaler's loss scale, which exact's expert gradients carry
+    balance_losses: list[torch.Tensor]
+    local_losses: list[torch.Tensor]
+    touched: list[int]  # store ids of the experts the step touched, layer by layer
+
+    @classmethod
+    def new(cls, cache: ExpertCache, targets: torch.Tensor, dtype: torch.dtype | None, grad_scale: float) -> _Step:
+        return cls(cache, targets, dtype, grad_scale, [], [], [])
 
 
 class _PairRows:

@@ -59,7 +59,7 @@ def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip):
 
     for (name, mine), theirs in zip(ours.backbone.named_parameters(), reference.backbone.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5, msg=name)
-    torch.testing.assert_close(ours.router.proj.weight, reference.router.proj.weight, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.routers[0].proj.weight, reference.routers[0].proj.weight, rtol=0, atol=1e-5)
     theirs = torch.stack([torch.nn.utils.parameters_to_vector(e.parameters()) for e in reference.experts])
     torch.testing.assert_close(expert_parameters(ours), theirs.detach(), rtol=0, atol=1e-5)
     assert len(ours.usage) > 6 and ours.experts().stats()["evictions"] > (0 if cache < 12 else -1)
@@ -71,7 +71,7 @@ def test_same_seed_same_initial_weights(tmp_path):
     dense_a, dense_b = (GlobalMoE(**{**SHAPE, "seed": 5}, router="flat") for _ in range(2))
     for mine, theirs in zip(ours.backbone.parameters(), reference.backbone.parameters()):
         assert torch.equal(mine, theirs)
-    assert torch.equal(ours.router.proj.weight, reference.router.proj.weight)
+    assert torch.equal(ours.routers[0].proj.weight, reference.routers[0].proj.weight)
     assert torch.equal(
         expert_parameters(ours),
         torch.stack([torch.nn.utils.parameters_to_vector(e.parameters()) for e in reference.experts]).detach(),
@@ -128,7 +128,7 @@ def test_micro_batches_hold_one_micro_batch_of_trunk_activations():
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model._trunk(tokens)
+            model._blocks(model.backbone.embed_tokens(tokens), 0, 2)
         return sum(saved.values())
 
     whole, parts = saved_bytes(None), saved_bytes(2)

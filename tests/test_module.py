@@ -86,7 +86,7 @@ def test_local_objective_through_training_step(tiny, tmp_path):
     x, y = next(iter(loader))
     targets = y.flatten()
     h = initial.backbone.trunk(x).flatten(0, 1)  # (N, d)
-    routing = initial.router(h)
+    routing = initial.routers[0](h)
     chosen = routing.working_set[routing.positions]  # (N, k)
     expert_ids = routing.working_set.tolist()
     params = initial_parameters(initial, expert_ids)
@@ -110,7 +110,7 @@ def test_local_objective_through_training_step(tiny, tmp_path):
     for name, grad in zip(names, expected):
         if grad is not None:
             torch.testing.assert_close(model.shared_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
-    assert "router.proj.weight" in model.shared_grads  # the router learns through the gates
+    assert "routers.0.proj.weight" in model.shared_grads  # the router learns through the gates
 
 
 @pytest.mark.parametrize("model_class", [PragnosiaLM, GlobalMoE])
@@ -158,7 +158,7 @@ def test_eval_forward_and_generate_stream_through_the_cache(tiny):
 def test_evaluation_is_causal(tiny):
     """A token's prediction never depends on later tokens, whatever expert_slots caps in training."""
     model = PragnosiaLM(**tiny, num_experts=32, num_active_experts=2, expert_slots=2)
-    torch.nn.init.normal_(model.router.proj.weight, std=1.0)
+    torch.nn.init.normal_(model.routers[0].proj.weight, std=1.0)
     tokens = torch.randint(0, 256, (1, 24))
     with torch.no_grad():
         full = model(tokens)
@@ -203,7 +203,7 @@ def test_the_shared_adamw_does_not_decay(tiny, model_class):
 
 def test_the_option_list_is_short():
     """Issue 17: at most 20 keys (consolidation is one of them, experts_per_domain); each earned by a user or a
-    measurement."""
+    measurement. Issue 22 added the placement of the expert layers."""
     assert list(inspect.signature(PragnosiaLM).parameters) == [
         "d_model",
         "n_shared_layers",
@@ -225,4 +225,5 @@ def test_the_option_list_is_short():
         "grad_clip",
         "seed",
         "experts_per_domain",
+        "expert_layers",  # issue 22: expert layers in the trunk's blocks
     ]

@@ -54,7 +54,7 @@ def test_fifty_experts_top1_trains():
     from pragnosia_pl import PragnosiaLM
 
     model = PragnosiaLM(d_model=16, n_shared_layers=1, n_heads=2, num_experts=50, num_active_experts=1)
-    torch.nn.init.normal_(model.router.proj.weight, std=1.0)
+    torch.nn.init.normal_(model.routers[0].proj.weight, std=1.0)
     with torch.no_grad():
         logits = model(torch.randint(0, 256, (8, 32)))
     assert logits.shape == (8, 32, 256) and torch.isfinite(logits).all()

@@ -108,7 +108,8 @@ def build(config: EngineBenchConfig, contender: Contender, root: Path):
         shared.update({k: v for k, v in config.overrides.items() if k != "micro_batch"})
         model = GlobalMoE(**shared, num_experts=contender.num_experts, seed=config.seed)
         model.touched_experts = 0  # experts routed to in training, counted as PragnosiaLM counts its expert updates
-        model.router.register_forward_hook(partial(_count_touched, model))
+        for router in model.routers:
+            router.register_forward_hook(partial(_count_touched, model))
         return model
     config_file, overrides = recipe
     options = {**model_options(config_file), **overrides, **config.overrides}
