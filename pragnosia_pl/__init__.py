@@ -3,6 +3,7 @@
 from pragnosia_pl.baselines import DenseLM, GlobalMoE
 from pragnosia_pl.data import TextDomains
 from pragnosia_pl.module import PragnosiaLM
+from pragnosia_pl.schedules import WarmupCosine
 
-__all__ = ["DenseLM", "GlobalMoE", "PragnosiaLM", "TextDomains"]
+__all__ = ["DenseLM", "GlobalMoE", "PragnosiaLM", "TextDomains", "WarmupCosine"]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
@@ -21,6 +21,7 @@ from pragnosia_pl.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointErro
 from pragnosia_pl.data import TextDomains
 from pragnosia_pl.lm_base import LanguageModel
 from pragnosia_pl.module import NonFiniteLossError
+from pragnosia_pl.schedules import fill_total_steps
 from pragnosia_pl.store import CorruptRecordError
 
 # What a user can fix: printed as one message, without a traceback (PRAGNOSIA_DEBUG=1 shows it).
@@ -53,11 +54,39 @@ class PragnosiaCLI(LightningCLI):
     @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        refuse_unsupported(config)
         checkpoints = os.path.join(run_root(config.trainer.default_root_dir), "checkpoints")
         callbacks = config.trainer.callbacks
         for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
             if _is_checkpoint(callback) and callback.init_args.get("dirpath") is None:
                 callback.init_args.dirpath = checkpoints
+
+    @staticmethod
+    @override
+    def configure_optimizers(lightning_module, optimizer, lr_scheduler=None):
+        """The ``--optimizer``/``--lr_scheduler`` pair of the command line, the scheduler stepped once per training
+        step (Lightning's default for a CLI scheduler is once per epoch); a ``WarmupCosine`` without ``total_steps``
+        ends at the run's last step."""
+        if lr_scheduler is None:
+            return optimizer
+        fill_total_steps(lr_scheduler, int(lightning_module.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+    @override
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        super()._add_configure_optimizers_method_to_model(subcommand)
+        config = self.config_init[subcommand] if subcommand else self.config_init
+        scheduler = config.get("lr_scheduler")
+        if scheduler is None or config.get("optimizer") is not None:
+            return  # none given, or Lightning has built the pair (``--optimizer`` given)
+        # ``--lr_scheduler`` alone: Lightning would drop it; wrap the model's own optimizer (its lr, betas, fused)
+        own = self.model.configure_optimizers
+
+        def configure() -> dict:
+            optimizer = own()
+            return self.configure_optimizers(self.model, optimizer, instantiate_class(optimizer, scheduler))
+
+        self.model.configure_optimizers = configure
 
     @override
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -65,6 +94,25 @@ class PragnosiaCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+UNSUPPORTED_PRECISION = ("bf16-true", "16-true", "64-true", "64", "transformer-engine", "transformer-engine-float16")
+
+
+def refuse_unsupported(config: Namespace) -> None:
+    """One line, before any work, for a flag the package cannot honour (rather than ignoring it)."""
+    precision = str(config.trainer.get("precision") or "32-true")
+    if precision in UNSUPPORTED_PRECISION:
+        raise ValueError(
+            f"trainer.precision ({precision}) is not supported: expert records and their optimizer state are float32 "
+            "master weights; use bf16-mixed (CPU, GPU) or 16-mixed (GPU)"
+        )
+    scheduler = config.get("lr_scheduler")
+    if scheduler is not None and "ReduceLROnPlateau" in str(scheduler.get("class_path", "")):
+        raise ValueError(
+            "lr_scheduler (ReduceLROnPlateau) is not supported: schedules are stepped once per training step and the "
+            "experts' learning rate follows that step's factor; use a per-step schedule, e.g. pragnosia_pl.WarmupCosine"
+        )
 
 
 def run_root(default_root_dir: str | os.PathLike | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LRScheduler
 
 
@@ -20,7 +21,8 @@ class WarmupCosine(LRScheduler):
     Args:
         optimizer: the optimizer whose learning rates it scales.
         warmup_steps: steps of the linear warmup (0: none).
-        total_steps: the step at which the cosine ends (usually ``trainer.max_steps``).
+        total_steps: the step at which the cosine ends; ``None``: the run's optimizer steps
+            (``trainer.estimated_stepping_batches``, i.e. ``trainer.max_steps``), filled in by ``pragnosia fit``.
         min_lr_ratio: the final learning rate as a fraction of the peak.
         last_epoch: the index of the last step (-1: a fresh schedule).
 
@@ -37,13 +39,13 @@ class WarmupCosine(LRScheduler):
         self,
         optimizer: torch.optim.Optimizer,
         warmup_steps: int,
-        total_steps: int,
+        total_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         last_epoch: int = -1,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"lr_scheduler.warmup_steps ({warmup_steps}) must be ≥ 0")
-        if total_steps <= warmup_steps:
+        if total_steps is not None and total_steps <= warmup_steps:
             raise ValueError(
                 f"lr_scheduler.total_steps ({total_steps}) must be > lr_scheduler.warmup_steps ({warmup_steps})"
             )
@@ -58,11 +60,30 @@ class WarmupCosine(LRScheduler):
         """The multiplier of the peak learning rate at ``step`` (0-based)."""
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
+        if step == self.warmup_steps:
+            return 1.0
+        if self.total_steps is None:
+            raise ValueError("lr_scheduler.total_steps is not set (pragnosia fit sets it to the run's steps)")
         progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:
         return [base_lr * self.factor(self.last_epoch) for base_lr in self.base_lrs]
+
+
+def fill_total_steps(scheduler: object, total_steps: int) -> None:
+    """A :class:`WarmupCosine` without ``total_steps`` ends its cosine at the run's last step, ``total_steps``."""
+    if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+        if total_steps <= scheduler.warmup_steps:  # a short try of a long recipe: warm up over its first tenth
+            shortened = total_steps // 10
+            rank_zero_warn(
+                f"lr_scheduler.warmup_steps ({scheduler.warmup_steps}) does not fit in the run's {total_steps} steps: "
+                f"{shortened} for this run"
+            )
+            scheduler.warmup_steps = shortened
+            scheduler.last_epoch -= 1
+            scheduler.step()  # the first step's learning rate under the shortened warmup
+        scheduler.total_steps = max(total_steps, 1)
 
 
 def schedule_factor(optimizer: torch.optim.Optimizer) -> float:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pragnosia_pl import PragnosiaLM
 
 num_experts, store_dir, steps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+objective, expert_optimizer, expert_layers, n_layers = sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7])
 torch.set_num_threads(1)
 
 def status(key):
@@ -54,9 +55,10 @@ class StepPeaks(pl.Callback):
 
 tokens = torch.randint(0, 256, (2 * steps, 17), generator=torch.Generator().manual_seed(0))
 loader = DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=2)
-model = PragnosiaLM(d_model=32, n_shared_layers=1, n_heads=2, num_experts=num_experts, num_active_experts=2,
+model = PragnosiaLM(d_model=32, n_shared_layers=n_layers, n_heads=2, num_experts=num_experts, num_active_experts=2,
                     expert_slots=None, expert_cache=4, expert_hidden=4096, store="disk", store_dir=store_dir,
-                    expert_optimizer="sgd", seed=0)
+                    objective=objective, expert_optimizer=expert_optimizer, local_lr=1e-3, lr=1e-3,
+                    expert_layers=expert_layers, seed=0)
 probe = StepPeaks()
 trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -66,17 +68,20 @@ print(json.dumps([probe.peaks, probe.on_disk]))
 """
 WIDE_EXPERTS = (8, 4096, 10**6)
 WARMUP_STEPS = 2
+# the seed's rule with SGD on one expert layer; and exact with Adam (records 3x as large) on 2 expert layers, every
+# block's feed-forward (issue 22: a test of local/SGD alone passed with exact keeping a host copy of each expert)
+WIDE_RECIPES = {"local": ("local", "sgd", "top", "1"), "exact": ("exact", "adam", "every", "2")}
 
 
-@pytest.fixture(scope="module")
-def wide_runs(tmp_path_factory) -> dict[int, tuple[list[int], int]]:
+@pytest.fixture(scope="module", params=list(WIDE_RECIPES))
+def wide_runs(request, tmp_path_factory) -> dict[int, tuple[list[int], int]]:
     """Per n: the peak RSS of each training step and the bytes of records on disk at the end (the live store is
     removed when the run ends), from concurrent processes."""
     root = tmp_path_factory.mktemp("wide")
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     started = {
         n: subprocess.Popen(
-            [sys.executable, "-c", WIDE_RUN, str(n), str(root / str(n)), "8"],
+            [sys.executable, "-c", WIDE_RUN, str(n), str(root / str(n)), "8", *WIDE_RECIPES[request.param]],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -105,7 +110,7 @@ def test_disk_store_host_memory_follows_the_touched_experts_not_n(wide_runs):
         assert peaks[-1] - peaks[WARMUP_STEPS] < limit / 2, (n, peaks)  # no growth as more experts materialize
     # the test has teeth: the runs at large n did hold several times `limit` of records, on disk
     assert min(wide_runs[n][1] for n in WIDE_EXPERTS[1:]) > 5 * limit, wide_runs
-    assert wide_runs[8][1] <= 8 * 1.1e6
+    assert wide_runs[8][1] < limit  # n = 8: every record of the store (8 per layer) is less than the margin
 
 
 def test_global_moe_grows_by_at_least_its_extra_experts(runs):
