@@ -3,7 +3,7 @@
 from pragnosia_pl.baselines import DenseLM, GlobalMoE
 from pragnosia_pl.data import TextDomains
 from pragnosia_pl.module import PragnosiaLM
-from pragnosia_pl.schedules import WarmupCosine
+from pragnosia_pl.schedules import WarmupCosine, with_warmup_cosine
 
-__all__ = ["DenseLM", "GlobalMoE", "PragnosiaLM", "TextDomains", "WarmupCosine"]
+__all__ = ["DenseLM", "GlobalMoE", "PragnosiaLM", "TextDomains", "WarmupCosine", "with_warmup_cosine"]
 __version__ = "0.1.0"

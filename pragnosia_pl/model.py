@@ -219,9 +219,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, max_len, ffn=i not in without_ffn) for i in range(n_layers)
-        )
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, max_len, ffn=i not in without_ffn) for i in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.apply(init_weights)
         for name, p in self.named_parameters():

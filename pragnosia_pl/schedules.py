@@ -8,6 +8,7 @@ training step (:func:`step_schedulers`); ``PragnosiaLM``'s experts take the shar
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -69,6 +70,26 @@ class WarmupCosine(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [base_lr * self.factor(self.last_epoch) for base_lr in self.base_lrs]
+
+
+def with_warmup_cosine(model: Any, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> Any:
+    """``model`` (a LightningModule of the package) trained under :class:`WarmupCosine`, stepped once per training
+    step: what ``pragnosia fit --lr_scheduler pragnosia_pl.WarmupCosine`` sets up, for a ``Trainer`` of one's own.
+
+    Example::
+
+        model = with_warmup_cosine(PragnosiaLM(objective="exact", expert_optimizer="adam"), 50, 1000)
+        Trainer(max_steps=1000).fit(model, datamodule=TextDomains())
+    """
+    own = model.configure_optimizers
+
+    def configure() -> dict[str, Any]:
+        optimizer = own()
+        scheduler = WarmupCosine(optimizer, warmup_steps, total_steps, min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    model.configure_optimizers = configure
+    return model
 
 
 def fill_total_steps(scheduler: object, total_steps: int) -> None:

@@ -63,6 +63,13 @@ def main() -> None:
         '{name: kwargs} objects, e.g. bounded \'{"adam": {"expert_optimizer": "adam"}}\'; '
         "default: exact local",
     )
+    parser.add_argument("--d-model", type=int)
+    parser.add_argument("--n-shared-layers", type=int, help="transformer blocks")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--domains", type=json.loads, help='JSON {name: preset or files}, e.g. {"code": "python-code"}')
+    parser.add_argument("--store", help="every PragnosiaLM's store (default host)")
+    parser.add_argument("--expert-layers", choices=("top", "every_other", "every"), help="every model's placement")
+    parser.add_argument("--warmup-steps", type=int, help="warmup then cosine to the last step (default: constant lr)")
     parser.add_argument("--report-only", action="store_true", help="re-render OUT's results page only; run nothing")
     args = parser.parse_args()
     if args.report_only:
@@ -78,6 +85,13 @@ def main() -> None:
         pragnosia=args.pragnosia,
         variants=args.variants and variants_or_exit(args.variants, parser),
         accelerator=args.accelerator,
+        d_model=args.d_model,
+        n_shared_layers=args.n_shared_layers,
+        batch_size=args.batch_size,
+        domains=args.domains,
+        store=args.store,
+        expert_layers=args.expert_layers,
+        warmup_steps=args.warmup_steps,
     )
     if args.no_plain:
         overrides["plain"] = False

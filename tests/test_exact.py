@@ -20,12 +20,12 @@ from collections import Counter, OrderedDict
 import pytest
 import torch
 from conftest import cpu_trainer, expert_records, token_loader
-
 from lightning.pytorch.callbacks import Callback
 
 from pragnosia_pl import GlobalMoE, PragnosiaLM, WarmupCosine
 from pragnosia_pl.expert_cache import ExpertCache
 from pragnosia_pl.model import FeedForward, init_weights
+from pragnosia_pl.schedules import with_warmup_cosine
 
 SHAPE = dict(d_model=16, n_shared_layers=1, n_heads=2, num_experts=12, num_active_experts=2, seed=3)
 
@@ -42,17 +42,8 @@ def expert_parameters(model: PragnosiaLM) -> torch.Tensor:
 
 
 def with_schedule(model, total_steps: int = 5):
-    """``model`` trained under warmup plus cosine, stepped once per training step (as ``pragnosia fit
-    --lr_scheduler`` sets it up)."""
-    own = model.configure_optimizers
-
-    def configure():
-        optimizer = own()
-        scheduler = WarmupCosine(optimizer, warmup_steps=2, total_steps=total_steps, min_lr_ratio=0.1)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    model.configure_optimizers = configure
-    return model
+    """``model`` trained under warmup plus cosine (2 steps of warmup), stepped once per training step."""
+    return with_warmup_cosine(model, warmup_steps=2, total_steps=total_steps, min_lr_ratio=0.1)
 
 
 def assert_same_model(ours, reference, atol: float = 1e-5) -> None:

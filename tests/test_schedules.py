@@ -59,7 +59,8 @@ def test_lr_scheduler_alone_takes_effect(in_tmp, objective):
     """Issue 22's report: ``--lr_scheduler CosineAnnealingLR`` ran, but the checkpoint had ``lr_schedulers: []``
     and the learning rate was still 1e-3."""
     main(["fit", "--config", str(QUICKSTART), *TINY_RUN, "--trainer.max_steps", "4", "--model.objective", objective,
-          "--lr_scheduler", "CosineAnnealingLR", "--lr_scheduler.T_max", "4", "--trainer.default_root_dir", "r"])  # fmt: skip
+          "--lr_scheduler", "CosineAnnealingLR", "--lr_scheduler.T_max", "4",
+          "--trainer.default_root_dir", "r"])  # fmt: skip
     checkpoint = checkpoint_of(in_tmp / "r")
     assert checkpoint["lr_schedulers"] and checkpoint["lr_schedulers"][0]["last_epoch"] == 4
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)

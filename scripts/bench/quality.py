@@ -90,6 +90,10 @@ class QualityConfig:
             compare; ``gpu`` or ``auto`` trains on a GPU).
         store: where every PragnosiaLM keeps its experts (over the configs' ``store``).
         pragnosia: extra ``PragnosiaLM`` keyword arguments of every PragnosiaLM run, over the quickstart preset.
+        expert_layers: where every model's expert layers sit (``top``, ``every_other``, ``every``; the dense
+            model's FFNs of the same active width sit there too); a variant may set its own.
+        warmup_steps: ``None``: a constant learning rate; else every model warms up over this many steps, then
+            decays by a cosine to 0.1x at the run's last step (``pragnosia_pl.WarmupCosine``).
         variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
             ``pragnosia``; the plain run too unless ``plain`` is false. Default: the ``exact`` and ``local``
             presets (:data:`PRESETS`: a shipped config and its documented overrides).
@@ -123,6 +127,8 @@ class QualityConfig:
     cache_dir: str | None = None
     accelerator: str = "cpu"
     plain: bool = True
+    expert_layers: str = "top"
+    warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
         self.num_experts = tuple(self.num_experts)
@@ -195,7 +201,7 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
     """The LightningModule of ``plan`` (seed the RNG first: every model starts from the same trunk)."""
     from pragnosia_pl import DenseLM, GlobalMoE, PragnosiaLM
 
-    common = shared_options(config)
+    common = {**shared_options(config), "expert_layers": config.expert_layers}
     if plan.kind == "dense":
         return DenseLM(**common)
     if plan.kind == "global_moe":
@@ -211,15 +217,15 @@ def parameter_counts(model) -> dict[str, int]:
 
     shared = sum(p.numel() for p in model.parameters())
     if isinstance(model, PragnosiaLM):
-        expert = model.layout.num_params
+        expert, layers = model.layout.num_params, len(model.routers)
         return {
-            "active": shared + model.hparams.num_active_experts * expert,
-            "total": shared + model.hparams.num_experts * expert,
+            "active": shared + layers * model.hparams.num_active_experts * expert,
+            "total": shared + layers * model.hparams.num_experts * expert,
         }
     if isinstance(model, GlobalMoE):
-        expert = sum(p.numel() for p in model.experts[0].parameters())
-        non_expert = shared - model.hparams.num_experts * expert
-        return {"active": non_expert + model.hparams.num_active_experts * expert, "total": shared}
+        expert, layers = sum(p.numel() for p in model.experts[0].parameters()), len(model.routers)
+        non_expert = shared - layers * model.hparams.num_experts * expert
+        return {"active": non_expert + layers * model.hparams.num_active_experts * expert, "total": shared}
     assert isinstance(model, DenseLM)
     return {"active": shared, "total": shared}
 
@@ -277,8 +283,12 @@ def train_one(config: QualityConfig, plan: RunPlan, data, steps: int, root: str,
     """Train ``plan`` for ``steps`` steps on ``data``; return its curve, final metrics and speed."""
     from lightning.pytorch import seed_everything
 
+    from pragnosia_pl import with_warmup_cosine
+
     seed_everything(config.seed, verbose=False)
     model = build_model(config, plan, str(Path(root) / "store"))
+    if config.warmup_steps is not None:
+        with_warmup_cosine(model, min(config.warmup_steps, steps // 10), steps)
     recorder = _curve_recorder()
     eval_every = min(config.eval_every, steps) if validate else None
     trainer = _trainer(root, steps, eval_every, [recorder], config.accelerator)
@@ -372,6 +382,8 @@ def run_quality(config: QualityConfig, out_dir: str | Path, log=print, command: 
                 result = train_one(config, plan, data, steps, run_root)
             log(f"quality: {plan.label}: val bpb {result['final']['val/bpb']:.3f}")
             results.append(result)
+            partial = {**report_header("quality", started, config, command, load), "steps": steps, "runs": results}
+            (out / "quality.partial.json").write_text(json.dumps(partial, indent=2) + "\n")  # kept if a run dies
         summary = data.summary()
     report = {
         **report_header("quality", started, config, command, load),
