@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expert-cache", type=int, default=2, help="PragnosiaLM's device slots (default 2)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences of 128 bytes per step (default 16)")
     parser.add_argument("--pragnosia", type=json.loads, default={}, help="further PragnosiaLM kwargs as JSON")
+    parser.add_argument("--precision", default="32-true", help="trainer.precision of every run (e.g. bf16-mixed)")
     parser.add_argument("--quick", action="store_true", help="tiny widths, few steps, two n (for tests)")
     parser.add_argument("--report-only", action="store_true", help="re-render the results page only; run nothing")
     args = parser.parse_args(argv)
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     store = args.store or ("host" if torch.cuda.is_available() else "disk")
     trim = None if args.malloc_trim_threshold < 0 else args.malloc_trim_threshold
     shared = dict(
-        steps=args.steps, warmup=args.warmup, store=store, malloc_trim_threshold=trim, batch_size=args.batch_size
+        steps=args.steps,
+        warmup=args.warmup,
+        store=store,
+        malloc_trim_threshold=trim,
+        batch_size=args.batch_size,
+        precision=args.precision,
     )
     if args.quick:
         shared.update(d_model=32, n_shared_layers=1, n_heads=2, batch_size=4, block_size=32, max_bytes=200_000)

@@ -53,6 +53,7 @@ class RunSpec:
     malloc_trim_threshold: int | None = 4 * 2**20
     router: str = "product"
     pragnosia: dict = field(default_factory=dict)  # further PragnosiaLM keyword arguments, over the ones above
+    precision: str = "32-true"  # Lightning's trainer.precision (bf16-mixed: the experts compute in bfloat16)
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -208,6 +209,7 @@ def run_one(spec: RunSpec) -> RunResult:
         enable_model_summary=False,
         limit_val_batches=0,
         callbacks=[runtime, monitor],
+        precision=spec.precision,
     )
     start = time.perf_counter()
     trainer.fit(model, train_dataloaders=data.train_dataloader())
