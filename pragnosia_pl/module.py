@@ -48,7 +48,8 @@ class PragnosiaLM(LanguageModel):
       tokens; the LM loss sees its output detached. One store read per touched expert per step.
     - ``exact``: each expert steps on the LM loss's gradient for it and the trunk also gets the gradient through
       the experts' inputs: global backpropagation through the MoE, one expert at a time, equal to ``GlobalMoE``
-      with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``). Two store reads per touched expert.
+      with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``; other settings warn that the update
+      is not GlobalMoE's). Two store reads per touched expert.
 
     A step whose loss or gradient is NaN/inf skips that update (an expert's record is not written, the shared
     parameters keep their values); after :data:`MAX_NONFINITE` consecutive such steps training stops.
@@ -76,7 +77,8 @@ class PragnosiaLM(LanguageModel):
             (:class:`~pragnosia_pl.checkpoint_io.AtomicCheckpointIO`, which ``pragnosia fit`` installs).
         expert_optimizer: ``sgd`` or ``adam`` (betas (0.9, 0.95), the shared AdamW's); its state lives in the
             expert's record. Untouched experts are not stepped and their state does not decay (lazy).
-        local_lr: learning rate of the expert optimizer.
+        local_lr: learning rate of the expert optimizer; a learning-rate schedule scales it each step by the shared
+            optimizer's factor.
         lr: learning rate of the shared AdamW (no weight decay).
         balance_coef: α of the load-balancing term.
         router: ``product`` (product keys, memory flat in n) or ``flat`` (one logit per expert).
@@ -88,6 +90,9 @@ class PragnosiaLM(LanguageModel):
             were at its end; evaluation averages the domains' models by their posterior given the prefix. Domain
             switches come from ``on_domain_switch`` (``callbacks.DomainSwitcher`` calls it). ``None``: one set of
             experts and shared parts for all data (DESIGN §3 as written).
+        expert_layers: where the expert layers sit: ``top`` (one after the last block), ``every_other`` (in place of
+            the feed-forward of blocks 1, 3, 5, …) or ``every`` (of every block). Each has its own router and n
+            experts; one store holds them all (expert e of layer l is record l·n + e).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.

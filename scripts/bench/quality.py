@@ -96,7 +96,8 @@ class QualityConfig:
             decays by a cosine to 0.1x at the run's last step (``pragnosia_pl.WarmupCosine``).
         variants: further PragnosiaLM runs per n, by name, each with its own keyword arguments on top of
             ``pragnosia``; the plain run too unless ``plain`` is false. Default: the ``exact`` and ``local``
-            presets (:data:`PRESETS`: a shipped config and its documented overrides).
+            presets (:data:`PRESETS`: a shipped config and its documented overrides). A variant's
+            ``"local_target": "output"`` trains the local target the design notes weigh against the shipped one.
 
     Raises:
         ValueError: on an unknown model kind or a non-positive size.
@@ -208,7 +209,28 @@ def build_model(config: QualityConfig, plan: RunPlan, store_dir: str):
         return GlobalMoE(**common, num_experts=plan.num_experts, router=GLOBAL_MOE_ROUTER)
     options = {**common, **preset("quickstart"), **config.pragnosia, **config.variants.get(plan.variant, {})}
     options.update(num_experts=plan.num_experts, store=config.store, store_dir=store_dir)
+    if options.pop("local_target", "residual") == "output":
+        return _OutputTarget(**options)
     return PragnosiaLM(**options)
+
+
+def _output_target_class():
+    from pragnosia_pl import PragnosiaLM
+
+    class OutputTarget(PragnosiaLM):
+        """The local target considered against the shipped one (design notes, issue 22): each expert's output
+        alone predicts the next token, ``CE(head(norm(o_e)), y_e)``, instead of the stream it is added to."""
+
+        def local_loss(self, h_e, expert_out, targets_e):
+            import torch.nn.functional as F
+
+            return F.cross_entropy(self.backbone.detached_logits(expert_out), targets_e)
+
+    return OutputTarget
+
+
+def _OutputTarget(**options):  # noqa: N802 (a class, built on first use: pragnosia_pl is imported lazily here)
+    return _output_target_class()(**options)
 
 
 def parameter_counts(model) -> dict[str, int]:
