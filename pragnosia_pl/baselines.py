@@ -40,6 +40,7 @@ class GlobalMoE(LanguageModel):
         router: ``flat`` (standard) or ``product``.
         grad_clip: max norm of the shared gradient and of each expert's (0 disables).
         seed: the backbone and router come from ``seed``, expert e from ``(seed, e)``.
+        vocab_size: V, token ids; ``pragnosia fit`` links it to ``data.vocab_size`` (256: bytes).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -62,8 +63,9 @@ class GlobalMoE(LanguageModel):
         router: Literal["flat", "product"] = "flat",
         grad_clip: float = 1.0,
         seed: int = 0,
+        vocab_size: int = 256,
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, vocab_size)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_experts=num_experts, num_active_experts=num_active_experts, expert_hidden=hidden)
@@ -131,6 +133,7 @@ class DenseLM(LanguageModel):
         lr: AdamW learning rate.
         grad_clip: max norm of the gradient (0 disables).
         seed: the backbone comes from ``seed`` (as in every model), the FFN from ``(seed, 2)``.
+        vocab_size: V, token ids; ``pragnosia fit`` links it to ``data.vocab_size`` (256: bytes).
 
     Raises:
         ValueError: on a non-positive size; the message names the YAML key.
@@ -150,8 +153,9 @@ class DenseLM(LanguageModel):
         lr: float = 1e-3,
         grad_clip: float = 1.0,
         seed: int = 0,
+        vocab_size: int = 256,
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, vocab_size)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_active_experts=num_active_experts, expert_hidden=hidden)

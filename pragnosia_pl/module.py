@@ -86,6 +86,7 @@ class PragnosiaLM(LanguageModel):
             were at its end; evaluation averages the domains' models by their posterior given the prefix. Domain
             switches come from ``on_domain_switch`` (``callbacks.DomainSwitcher`` calls it). ``None``: one set of
             experts and shared parts for all data (DESIGN §3 as written).
+        vocab_size: V, token ids; ``pragnosia fit`` links it to ``data.vocab_size`` (256: bytes).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -121,8 +122,9 @@ class PragnosiaLM(LanguageModel):
         grad_clip: float = 1.0,
         seed: int = 0,
         experts_per_domain: int | None = None,
+        vocab_size: int = 256,
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, vocab_size)
         self.save_hyperparameters()
         self.expert_slots = expert_slots
         self.expert_hidden = 4 * d_model if expert_hidden is None else expert_hidden
@@ -454,6 +456,7 @@ class PragnosiaLM(LanguageModel):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         skipped = checkpoint.get("skipped_updates", {})
         self.skipped_expert_updates = skipped.get("experts", 0)
         self.skipped_shared_updates = skipped.get("shared", 0)
