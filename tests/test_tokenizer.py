@@ -337,4 +337,6 @@ def test_fit_trains_the_bpe_once_and_reuses_it(tmp_path, monkeypatch, bpe_traini
     assert second.datamodule.tokenizer.fingerprint() == first.datamodule.tokenizer.fingerprint()
     checkpoint = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     assert json.loads(checkpoint["tokenizer"])["vocab_size"] == 300
+    loaded = PragnosiaLM.load_from_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    assert loaded.tokenizer.fingerprint() == second.datamodule.tokenizer.fingerprint()
     assert "val/bpb" in second.trainer.callback_metrics
