@@ -163,18 +163,20 @@ class ByteLevelTokenizer(Tokenizer):
 
     def _encode_parts(self, data: bytes) -> Iterator[list[int] | np.ndarray]:
         """Ids of ``data`` in order: its UTF-8 text in pieces through the tokenizer, other bytes one token each."""
+        # encode_batch_fast (tokenizers ≥ 0.20) skips the offsets: measured 4.8 against 7.6 CPU seconds per 8 MB of code
+        encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         batch: list[str] = []
         for segment in _segments(data):
             if isinstance(segment, str):
                 batch.append(segment)
                 if len(batch) < _BATCH_CHUNKS:
                     continue
-            for encoding in self.tokenizer.encode_batch(batch, add_special_tokens=False):
+            for encoding in encode_batch(batch, add_special_tokens=False):
                 yield encoding.ids
             batch = []
             if isinstance(segment, bytes):
                 yield self.byte_ids[np.frombuffer(segment, dtype=np.uint8)]
-        for encoding in self.tokenizer.encode_batch(batch, add_special_tokens=False):
+        for encoding in encode_batch(batch, add_special_tokens=False):
             yield encoding.ids
 
     def decode(self, ids: Iterable[int]) -> bytes:
