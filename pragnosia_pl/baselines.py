@@ -42,6 +42,7 @@ class GlobalMoE(LanguageModel):
         seed: the backbone and router come from ``seed``, expert e from ``(seed, e)``.
         expert_layers: where the expert layers sit: ``top`` (one after the last block), ``every_other`` or ``every``
             (in place of those blocks' feed-forward), as ``PragnosiaLM``'s; expert e of layer l is ``(seed, l·n + e)``.
+        vocab_size: V, token ids; ``pragnosia fit`` links it to ``data.vocab_size`` (256: bytes).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -65,8 +66,9 @@ class GlobalMoE(LanguageModel):
         grad_clip: float = 1.0,
         seed: int = 0,
         expert_layers: Placement = "top",
+        vocab_size: int = 256,
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers, vocab_size)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_experts=num_experts, num_active_experts=num_active_experts, expert_hidden=hidden)
@@ -144,6 +146,7 @@ class DenseLM(LanguageModel):
         seed: the backbone comes from ``seed`` (as in every model), the FFN from ``(seed, 2)``.
         expert_layers: where the MoE it is compared with has its expert layers: the FFN of k experts' width sits
             there (``top``: one after the last block; ``every_other``, ``every``: in place of those blocks').
+        vocab_size: V, token ids; ``pragnosia fit`` links it to ``data.vocab_size`` (256: bytes).
 
     Raises:
         ValueError: on a non-positive size; the message names the YAML key.
@@ -164,8 +167,9 @@ class DenseLM(LanguageModel):
         grad_clip: float = 1.0,
         seed: int = 0,
         expert_layers: Placement = "top",
+        vocab_size: int = 256,
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers, vocab_size)
         self.save_hyperparameters()
         hidden = 4 * d_model if expert_hidden is None else expert_hidden
         check_positive(num_active_experts=num_active_experts, expert_hidden=hidden)

@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from pragnosia_pl.checkpoint_io import AtomicCheckpointIO, CorruptCheckpointError, verify_checkpoint
 from pragnosia_pl.data import TextDomains
-from pragnosia_pl.lm_base import LanguageModel
+from pragnosia_pl.lm_base import VOCAB_SIZE, LanguageModel
 from pragnosia_pl.module import NonFiniteLossError
 from pragnosia_pl.schedules import fill_total_steps
 from pragnosia_pl.store import CorruptRecordError
@@ -50,6 +50,8 @@ class PragnosiaCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=run_root)
+        # The data's vocabulary sizes the model's embedding: typed once, as data.tokenizer.
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -87,6 +89,17 @@ class PragnosiaCLI(LightningCLI):
             return self.configure_optimizers(self.model, optimizer, instantiate_class(optimizer, scheduler))
 
         self.model.configure_optimizers = configure
+
+    @override
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        given = config.model.init_args.get("vocab_size") if "init_args" in config.model else None
+        linked = getattr(self.model, "vocab_size", given)
+        if given not in (None, VOCAB_SIZE, linked):  # the link overrides it: refuse rather than ignore it
+            raise ValueError(
+                f"model.vocab_size ({given}) is set from the data ({linked}): choose data.tokenizer instead"
+            )
 
     @override
     def instantiate_trainer(self, **kwargs) -> Trainer:
@@ -152,7 +165,7 @@ def generate(args: list[str]) -> None:
     parser.add_argument("--prompt", default="", help="text to continue")
     parser.add_argument("--max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_k", type=int, default=0, help="sample among the top-k bytes only (0: all)")
+    parser.add_argument("--top_k", type=int, default=0, help="sample among the top-k tokens only (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     options = parser.parse_args(args)

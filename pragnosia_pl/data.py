@@ -1,12 +1,15 @@
-"""``TextDomains``: local text files as named domains of byte tokens, packed into fixed blocks."""
+"""``TextDomains``: local text files as named domains of tokens (bytes by default), packed into fixed blocks."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,15 +19,24 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 from pragnosia_pl.domains import Source, load_domain_bytes, resolve_domain, split_by_file
+from pragnosia_pl.tokenizer import (
+    ByteTokenizer,
+    Tokenizer,
+    cached_bpe,
+    load_tokenizer_file,
+    parse_tokenizer,
+    write_atomically,
+)
 
 DEFAULT_DOMAINS = {"code": "stdlib-code", "prose": "stdlib-docs"}
 
 
 class BlockDataset(Dataset):
-    """Non-overlapping blocks of ``block_size + 1`` byte tokens; item ``i`` is ``(x, y)`` with ``y`` = ``x`` shifted.
+    """Non-overlapping blocks of ``block_size + 1`` tokens; item ``i`` is ``(x, y)`` with ``y`` = ``x`` shifted.
 
     Args:
-        tokens: The domain's byte tokens, ``uint8`` of shape ``(N,)``.
+        tokens: The domain's tokens, shape ``(N,)``: ``uint8`` bytes, or ``uint16``/``int32`` ids of a larger
+            vocabulary.
         blocks: Which blocks of ``tokens`` this dataset holds (block ``b`` starts at ``b * (block_size + 1)``).
         block_size: Tokens per input sequence ``T``.
     """
@@ -100,18 +112,46 @@ def _collate_blocks(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
     return torch.stack(inputs), torch.stack(targets)  # (B, T), (B, T)
 
 
+class DomainText(NamedTuple):
+    """A domain's bytes and their train/val split: by block (``train`` and ``val`` are the same stream, the blocks of
+    ``block_bytes`` bytes listed in ``train_blocks`` and ``val_blocks``) or by file (two streams, no block lists)."""
+
+    train: np.ndarray  # (N,) uint8
+    val: np.ndarray  # (N,) uint8
+    train_blocks: np.ndarray | None = None
+    val_blocks: np.ndarray | None = None
+    block_bytes: int = 0
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.train) if self.val is self.train else len(self.train) + len(self.val)
+
+    def runs(self, split: str) -> list[bytes]:
+        """The text of ``split`` (``"train"`` or ``"val"``): one piece per run of consecutive blocks, or its stream."""
+        stream, blocks = (self.train, self.train_blocks) if split == "train" else (self.val, self.val_blocks)
+        if blocks is None:
+            return [stream.tobytes()]
+        runs = np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)
+        return [stream[run[0] * self.block_bytes : (run[-1] + 1) * self.block_bytes].tobytes() for run in runs]
+
+
 def _default_cache_dir() -> str:
     return os.environ.get("PRAGNOSIA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pragnosia")
 
 
 class TextDomains(pl.LightningDataModule):
-    """Named domains of local text, byte-tokenised and packed into blocks, for language modelling.
+    """Named domains of local text, tokenised (bytes by default) and packed into blocks, for language modelling.
 
     Each domain's files are read through Hugging Face ``datasets`` (cached under ``cache_dir``, keyed on every
-    file's size and mtime; nothing is downloaded), encoded as UTF-8 bytes (vocabulary 256), joined with a blank
-    line between documents and cut into non-overlapping blocks of ``block_size + 1`` bytes. A seeded permutation
-    of each domain's blocks gives a deterministic train/val split; ``python-code`` is split by file instead
-    (a stable hash of each file's name picks its split), so no validation file is ever trained on. Training
+    file's size and mtime; nothing is downloaded), encoded as UTF-8 bytes, joined with a blank line between
+    documents and cut into non-overlapping blocks of ``block_size + 1`` bytes. A seeded permutation of each
+    domain's blocks gives a deterministic train/val split; ``python-code`` is split by file instead (a stable hash
+    of each file's name picks its split), so no validation file is ever trained on. With the byte tokenizer (ids
+    0-255) those blocks are the sequences. With another, each split's text (its runs of consecutive blocks, or its
+    files) is encoded and its tokens are packed into blocks of ``block_size + 1`` tokens, so the validation text is
+    the same under every tokenizer; a ``bpe:<V>`` tokenizer is trained on the training text of every domain only
+    (cached under ``<cache_dir>/tokenizers``), and encoded splits are cached under ``<cache_dir>/tokens``, keyed on
+    their text and the tokenizer. Training
     mixes the active domains (all, or the one chosen with :meth:`set_domain`) in an order fixed by
     ``(seed, epoch)``; validation has one loader per domain, in the order of :attr:`val_domain_names`. A batch
     is ``(x, y)``, two ``LongTensor`` of shape ``(batch_size, block_size)`` with ``y`` = ``x`` shifted by one
@@ -131,12 +171,17 @@ class TextDomains(pl.LightningDataModule):
             training files.
         num_workers: ``DataLoader`` worker processes.
         seed: Seed of the train/val split and of the training order.
-        cache_dir: Where ``datasets`` caches the read files; ``None``: ``$PRAGNOSIA_CACHE`` or
-            ``~/.cache/pragnosia``.
+        cache_dir: Where ``datasets`` caches the read files, trained tokenizers and encoded splits live; ``None``:
+            ``$PRAGNOSIA_CACHE`` or ``~/.cache/pragnosia``.
+        tokenizer: ``bytes`` (ids are bytes, V = 256), ``bpe:<V>`` (a byte-level BPE of V ids trained with Hugging
+            Face ``tokenizers`` on the training split, e.g. ``bpe:8192``), or the path of a byte-level ``tokenizers``
+            JSON file. :attr:`vocab_size` is known at once (``pragnosia fit`` links it to ``model.vocab_size``);
+            :attr:`tokenizer` after :meth:`setup` (when a BPE is trained).
 
     Raises:
         ValueError: On an invalid argument, naming its ``data.*`` key; at :meth:`setup`, on a domain whose files
-            don't exist, hold no text, or are shorter than two blocks.
+            don't exist, hold no text, or are shorter than two blocks (or whose split gives less than a block of
+            tokens).
 
     Example::
 
@@ -158,6 +203,7 @@ class TextDomains(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        tokenizer: str = "bytes",
     ) -> None:
         super().__init__()
         domains = dict(DEFAULT_DOMAINS if domains is None else domains)
@@ -173,6 +219,7 @@ class TextDomains(pl.LightningDataModule):
             raise ValueError(f"data.max_bytes_per_domain ({max_bytes_per_domain}) must be ≥ 1 or null")
         if num_workers < 0:
             raise ValueError(f"data.num_workers ({num_workers}) must be ≥ 0")
+        kind, bpe_size = parse_tokenizer(tokenizer)
         self.save_hyperparameters()
         self.domains = domains
         self.block_size = block_size
@@ -182,6 +229,14 @@ class TextDomains(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir or _default_cache_dir()
+        self.tokenizer_spec = tokenizer
+        self.bpe_size = bpe_size
+        self._tokenizer: Tokenizer | None = None  # a BPE is trained (or found in the cache) at setup
+        if kind == "bytes":
+            self._tokenizer = ByteTokenizer()
+        elif kind == "file":
+            self._tokenizer = load_tokenizer_file(tokenizer)
+        self._prepared: tuple | None = None
         self.active_domain: str | None = None
         self._num_bytes: dict[str, int] = {}
         self._train: dict[str, BlockDataset] = {}
@@ -189,7 +244,15 @@ class TextDomains(pl.LightningDataModule):
 
     @property
     def vocab_size(self) -> int:
-        return 256
+        """V, the number of token ids (known before :meth:`setup`: a ``bpe:<V>`` pads what training leaves short)."""
+        return self.bpe_size if self._tokenizer is None else self._tokenizer.vocab_size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer of the data (a ``bpe:<V>`` one exists after :meth:`setup`, which trains or loads it)."""
+        if self._tokenizer is None:
+            raise RuntimeError(f"TextDomains: data.tokenizer {self.tokenizer_spec} is made in setup(); call it first")
+        return self._tokenizer
 
     @property
     def domain_names(self) -> list[str]:
@@ -202,37 +265,50 @@ class TextDomains(pl.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
-        for key in self.domains:
-            self._load(key)  # fails here, before the Trainer makes a run directory
+        if not self._num_bytes:  # fails here, before the Trainer makes a run directory; trains and caches a BPE
+            self._prepared = self._load_all()
 
     @override
     def setup(self, stage: str) -> None:
         if self._num_bytes:
             return
-        num_bytes, train, val, lines = {}, {}, {}, []
+        (num_bytes, train, val, tokenizer), self._prepared = self._prepared or self._load_all(), None
+        lines = []
         for key in self.domains:
-            train[key], val[key] = self._load(key)
-            num_bytes[key] = len(train[key].tokens) + (
-                0 if val[key].tokens is train[key].tokens else len(val[key].tokens)
-            )
             size = f"{num_bytes[key] / 1e6:.1f} MB" if num_bytes[key] >= 100_000 else f"{num_bytes[key] / 1e3:.1f} kB"
             lines.append(f"{key} {size} ({len(train[key]):,} train / {len(val[key]):,} val blocks)")
-        self._num_bytes, self._train, self._val = num_bytes, train, val
-        rank_zero_info("data: " + ", ".join(lines))
+        self._num_bytes, self._train, self._val, self._tokenizer = num_bytes, train, val, tokenizer
+        vocabulary = "" if isinstance(tokenizer, ByteTokenizer) else f"; tokenizer {self.tokenizer_spec}"
+        rank_zero_info("data: " + ", ".join(lines) + vocabulary)
 
-    def _load(self, key: str) -> tuple[BlockDataset, BlockDataset]:
-        """The training and validation blocks of domain ``key``: a seeded split of its blocks, or of its files."""
+    def _load_all(
+        self,
+    ) -> tuple[dict[str, int], dict[str, BlockDataset], dict[str, BlockDataset], Tokenizer]:
+        """Every domain's bytes read and split, the tokenizer (a BPE trained on the training text of every domain),
+        and the training and validation blocks of every domain."""
+        texts = {key: self._read(key) for key in self.domains}
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            training_text = [run for text in texts.values() for run in text.runs("train")]
+            tokenizer = cached_bpe(training_text, self.bpe_size, self.cache_dir)
+        train, val = {}, {}
+        for key, text in texts.items():
+            train[key], val[key] = self._blocks(key, text, tokenizer)
+        return {key: text.num_bytes for key, text in texts.items()}, train, val, tokenizer
+
+    def _read(self, key: str) -> DomainText:
+        """The bytes of domain ``key`` and their training/validation split: a seeded split of its blocks, or of its
+        files."""
         sources = resolve_domain(key, self.domains[key])
         if any(source.name is not None for source in sources):
             return self._split_by_file(key, sources)
-        tokens = torch.from_numpy(load_domain_bytes(key, sources, self.max_bytes_per_domain, self.cache_dir))  # (N,)
-        num_blocks = self._num_blocks(key, len(tokens))
+        stream = load_domain_bytes(key, sources, self.max_bytes_per_domain, self.cache_dir)  # (N,)
+        num_blocks = self._num_blocks(key, len(stream))
         order = np.random.default_rng([self.seed, zlib.crc32(key.encode())]).permutation(num_blocks)
         num_val = min(max(1, math.ceil(self.val_fraction * num_blocks)), num_blocks - 1)
-        val = BlockDataset(tokens, torch.from_numpy(np.sort(order[:num_val])), self.block_size)
-        return BlockDataset(tokens, torch.from_numpy(np.sort(order[num_val:])), self.block_size), val
+        return DomainText(stream, stream, np.sort(order[num_val:]), np.sort(order[:num_val]), self.block_size + 1)
 
-    def _split_by_file(self, key: str, sources: list[Source]) -> tuple[BlockDataset, BlockDataset]:
+    def _split_by_file(self, key: str, sources: list[Source]) -> DomainText:
         train_files, val_files = split_by_file(key, sources, self.val_fraction)
         val_bytes = train_bytes = None
         if self.max_bytes_per_domain is not None:
@@ -243,18 +319,50 @@ class TextDomains(pl.LightningDataModule):
                     f"data.max_bytes_per_domain ({self.max_bytes_per_domain}) leaves no training bytes for "
                     f"data.domains.{key} after its validation share (data.val_fraction {self.val_fraction})"
                 )
+        train = load_domain_bytes(key, train_files, train_bytes, self.cache_dir)  # (N,)
+        return DomainText(train, load_domain_bytes(key, val_files, val_bytes, self.cache_dir))
+
+    def _blocks(self, key: str, text: DomainText, tokenizer: Tokenizer) -> tuple[BlockDataset, BlockDataset]:
+        """The training and validation blocks of a domain: its byte blocks, or its splits' tokens packed."""
+        if isinstance(tokenizer, ByteTokenizer) and text.train_blocks is not None:
+            stream = torch.from_numpy(text.train)  # (N,)
+            return tuple(
+                BlockDataset(stream, torch.from_numpy(blocks), self.block_size)
+                for blocks in (text.train_blocks, text.val_blocks)
+            )
+        unit = "bytes" if isinstance(tokenizer, ByteTokenizer) else "tokens"
         splits = []
-        for split, files, cap in (("training", train_files, train_bytes), ("validation", val_files, val_bytes)):
-            tokens = torch.from_numpy(load_domain_bytes(key, files, cap, self.cache_dir))  # (N,)
+        for split, part in (("training", "train"), ("validation", "val")):
+            if isinstance(tokenizer, ByteTokenizer):
+                tokens = text.train if part == "train" else text.val  # (N,)
+            else:
+                tokens = self._encode(text.runs(part), tokenizer)  # (N,)
             num_blocks = len(tokens) // (self.block_size + 1)
             if num_blocks < 1:
+                source = "files" if text.train_blocks is None else "blocks"
                 raise ValueError(
-                    f"data.domains.{key}: its {split} files give {len(tokens):,} bytes, less than one block of "
-                    f"data.block_size + 1 = {self.block_size + 1} bytes; raise data.max_bytes_per_domain or lower "
+                    f"data.domains.{key}: its {split} {source} give {len(tokens):,} {unit}, less than one block of "
+                    f"data.block_size + 1 = {self.block_size + 1} {unit}; raise data.max_bytes_per_domain or lower "
                     "data.block_size"
                 )
-            splits.append(BlockDataset(tokens, torch.arange(num_blocks), self.block_size))
+            splits.append(BlockDataset(torch.from_numpy(tokens), torch.arange(num_blocks), self.block_size))
         return splits[0], splits[1]
+
+    def _encode(self, runs: list[bytes], tokenizer: Tokenizer) -> np.ndarray:
+        """The tokens of ``runs`` (each encoded on its own), cached under ``<cache_dir>/tokens`` by a hash of the
+        tokenizer and of the text."""
+        digest = hashlib.sha256(f"{tokenizer.fingerprint()}:{len(runs)}".encode())
+        for run in runs:
+            digest.update(len(run).to_bytes(8, "little"))
+            digest.update(run)
+        path = Path(self.cache_dir, "tokens", f"{digest.hexdigest()[:32]}.npy")
+        if path.is_file():
+            return np.load(path)
+        tokens = np.concatenate([tokenizer.encode_array(run) for run in runs])
+        buffer = io.BytesIO()
+        np.save(buffer, tokens)
+        write_atomically(path, buffer.getvalue())
+        return tokens
 
     def _num_blocks(self, key: str, num_bytes: int) -> int:
         num_blocks = num_bytes // (self.block_size + 1)

@@ -14,8 +14,9 @@ from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from pragnosia_pl.model import Backbone, ExpertPlacement, Placement
+from pragnosia_pl.tokenizer import ByteTokenizer, Tokenizer, tokenizer_from_json
 
-VOCAB_SIZE = 256  # token ids: the data is bytes (``TextDomains`` yields byte ids)
+VOCAB_SIZE = 256  # token ids by default: bytes (``TextDomains(tokenizer='bytes')``)
 MAX_LEN = 1024  # positions of the rotary table: the longest sequence (``data.block_size``) any model takes
 
 
@@ -55,12 +56,16 @@ def compute_dtype(device: torch.device) -> torch.dtype | None:
 class LanguageModel(LightningModule):
     """Base of ``PragnosiaLM``, ``GlobalMoE`` and ``DenseLM``: backbone, shared AdamW, validation metrics.
 
-    The backbone (:data:`VOCAB_SIZE` byte ids, sequences of at most :data:`MAX_LEN` tokens) is initialised from
+    The backbone (``vocab_size`` token ids, sequences of at most :data:`MAX_LEN` tokens) is initialised from
     ``seed`` (not from the global RNG) and the shared AdamW's gradient is clipped to ``grad_clip`` by its own norm,
     the same in every model (DESIGN §7).
     Subclasses implement ``forward(tokens) -> logits`` (evaluation path) and ``training_step``.
-    Validation logs ``val/loss`` and ``val/bpb`` over all tokens and ``val/loss/<domain>``,
+    Validation logs ``val/loss`` (nats per token) and ``val/bpb`` (bits per byte: the loss summed over the target
+    tokens ÷ (ln 2 · their bytes), so it compares across tokenizers) over all tokens and ``val/loss/<domain>``,
     ``val/bpb/<domain>`` per validation dataloader, named by the datamodule's ``val_domain_names``.
+
+    The tokenizer is the datamodule's ``tokenizer`` when it has one (taken when fitting or validating starts), else
+    bytes for ``vocab_size`` 256, else none (then no ``val/bpb`` and no :meth:`generate`); checkpoints carry it.
     """
 
     def __init__(
@@ -72,9 +77,10 @@ class LanguageModel(LightningModule):
         seed: int,
         grad_clip: float,
         expert_layers: Placement = "top",
+        vocab_size: int = VOCAB_SIZE,
     ) -> None:
         super().__init__()
-        check_positive(d_model=d_model, n_heads=n_heads, lr=lr)
+        check_positive(d_model=d_model, n_heads=n_heads, lr=lr, vocab_size=vocab_size)
         if n_shared_layers < 0:
             raise ValueError(f"model.n_shared_layers ({n_shared_layers}) must be ≥ 0")
         if d_model % n_heads:
@@ -85,9 +91,42 @@ class LanguageModel(LightningModule):
         self.segments = self.placement.segments(n_shared_layers)  # blocks before each expert layer, then the rest
         with seeded(seed, 0):
             self.backbone = Backbone(
-                VOCAB_SIZE, d_model, n_shared_layers, n_heads, MAX_LEN, without_ffn=self.placement.replaced
+                vocab_size, d_model, n_shared_layers, n_heads, MAX_LEN, without_ffn=self.placement.replaced
             )
+        self.vocab_size = vocab_size
         self.val_losses: dict[str, MeanMetric] = {}
+        self.val_bytes_per_token: dict[str, MeanMetric] = {}
+        self.tokenizer: Tokenizer | None = ByteTokenizer() if vocab_size == VOCAB_SIZE else None
+        self._tokenizer_from_checkpoint = False
+        self._byte_lengths: torch.Tensor | None = None  # (V,) the tokenizer's, on the device
+
+    def use_tokenizer(self, tokenizer: Tokenizer, source: str) -> None:
+        """Take ``tokenizer`` (from ``source``, named in errors) for bits per byte, generation and checkpoints.
+
+        Raises:
+            ValueError: If its vocabulary is not ``model.vocab_size``, or it differs from the checkpoint's.
+        """
+        if tokenizer.vocab_size != self.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({self.vocab_size}) must equal the vocabulary of {source} ({tokenizer.vocab_size})"
+            )
+        if self._tokenizer_from_checkpoint and self.tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise ValueError(f"{source} is not the tokenizer this checkpoint was trained with; use that data.tokenizer")
+        self.tokenizer, self._byte_lengths = tokenizer, None
+
+    def _take_datamodule_tokenizer(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            self.use_tokenizer(tokenizer, "data.tokenizer")
+
+    @override
+    def on_fit_start(self) -> None:
+        self._take_datamodule_tokenizer()
+
+    @override
+    def on_validation_start(self) -> None:
+        self._take_datamodule_tokenizer()
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters trained by the shared optimizer."""
@@ -115,17 +154,24 @@ class LanguageModel(LightningModule):
     @override
     def on_validation_epoch_start(self) -> None:
         self.val_losses = {}  # fresh each epoch: metrics reset under inference mode could not be updated later
+        self.val_bytes_per_token = {}
 
     @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         tokens, targets = batch  # (B, T), (B, T)
         logits = self(tokens)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if self.tokenizer is not None and self._byte_lengths is None:
+            self._byte_lengths = self.tokenizer.byte_lengths.to(self.device)  # (V,)
         for name in ("", self.val_domain_name(dataloader_idx)):
             if name not in self.val_losses:
                 with torch.inference_mode(False):
                     self.val_losses[name] = MeanMetric(sync_on_compute=True).to(self.device)
+                    self.val_bytes_per_token[name] = MeanMetric(sync_on_compute=True).to(self.device)
             self.val_losses[name].update(loss.detach(), weight=targets.numel())
+            if self.tokenizer is not None:
+                bytes_per_token = self._byte_lengths[targets].sum() / targets.numel()  # 1 for bytes, exactly
+                self.val_bytes_per_token[name].update(bytes_per_token, weight=targets.numel())
         return loss
 
     @override
@@ -134,18 +180,39 @@ class LanguageModel(LightningModule):
             loss = metric.compute()
             suffix = f"/{name}" if name else ""
             self.log(f"val/loss{suffix}", loss, prog_bar=not name, sync_dist=False)
-            self.log(f"val/bpb{suffix}", loss / math.log(2), prog_bar=not name, sync_dist=False)
+            if self.tokenizer is not None:
+                # Σ loss / (ln 2 · Σ bytes) = (mean loss per token ÷ mean bytes per token) / ln 2, both weighted by
+                # tokens; the byte tokenizer divides by exactly 1, so its figure is the loss / ln 2 bit for bit.
+                bits_per_byte = loss / self.val_bytes_per_token[name].compute() / math.log(2)
+                self.log(f"val/bpb{suffix}", bits_per_byte, prog_bar=not name, sync_dist=False)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.tokenizer is not None:
+            checkpoint["tokenizer"] = self.tokenizer.to_json()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "tokenizer" in checkpoint:
+            self._tokenizer_from_checkpoint = False
+            self.use_tokenizer(tokenizer_from_json(checkpoint["tokenizer"]), "the checkpoint's tokenizer")
+            self._tokenizer_from_checkpoint = True
 
     @torch.no_grad()
     def generate(self, prompt: bytes, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0) -> bytes:
-        """Sample ``max_new_tokens`` bytes after ``prompt`` (constant memory: experts stream through the slots); each
-        byte is predicted from the last :data:`MAX_LEN` bytes at most."""
+        """Sample ``max_new_tokens`` tokens after ``prompt`` (constant memory: experts stream through the slots) and
+        return their bytes; the prompt is encoded and the sample decoded with the model's tokenizer. Each token is
+        predicted from the last :data:`MAX_LEN` tokens at most.
+
+        Raises:
+            ValueError: On a non-positive size, or a model without a tokenizer (``vocab_size`` ≠ 256, never fitted).
+        """
         check_positive(max_new_tokens=max_new_tokens, temperature=temperature)
-        tokens = torch.tensor(list(prompt) or [10], dtype=torch.long, device=self.device)[None]  # (1, T)
+        if self.tokenizer is None:
+            raise ValueError(f"this model (vocab_size {self.vocab_size}) has no tokenizer: fit it on data first")
+        prompt_ids = self.tokenizer.encode(prompt) or self.tokenizer.encode(b"\n")
+        tokens = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)[None]  # (1, T)
         start = tokens.size(1)
         for _ in range(max_new_tokens):
             logits = self(tokens[:, -MAX_LEN:])[0, -1] / temperature  # (V,)
@@ -153,4 +220,4 @@ class LanguageModel(LightningModule):
                 logits[logits < logits.topk(top_k).values[-1]] = -math.inf
             next_token = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (1,)
             tokens = torch.cat([tokens, next_token[None]], dim=1)
-        return bytes(tokens[0, start:].tolist())
+        return self.tokenizer.decode(tokens[0, start:].tolist())

@@ -93,6 +93,7 @@ class PragnosiaLM(LanguageModel):
         expert_layers: where the expert layers sit: ``top`` (one after the last block), ``every_other`` (in place of
             the feed-forward of blocks 1, 3, 5, …) or ``every`` (of every block). Each has its own router and n
             experts; one store holds them all (expert e of layer l is record l·n + e).
+        vocab_size: V, token ids; ``pragnosia fit`` links it to ``data.vocab_size`` (256: bytes).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -129,8 +130,9 @@ class PragnosiaLM(LanguageModel):
         seed: int = 0,
         experts_per_domain: int | None = None,
         expert_layers: Placement = "top",
+        vocab_size: int = 256,
     ) -> None:
-        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers)
+        super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers, vocab_size)
         self.save_hyperparameters()
         self.expert_slots = expert_slots
         self.expert_hidden = 4 * d_model if expert_hidden is None else expert_hidden
@@ -518,6 +520,7 @@ class PragnosiaLM(LanguageModel):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         skipped = checkpoint.get("skipped_updates", {})
         self.skipped_expert_updates = skipped.get("experts", 0)
         self.skipped_shared_updates = skipped.get("shared", 0)

@@ -114,10 +114,8 @@ def build_model(spec: RunSpec):
 def analytic_floor(model, batch_size: int, block_size: int) -> dict[str, float]:
     """DESIGN §6 floor in bytes: shared params + grads + Adam, resident expert records, one expert's gradient,
     and an estimate of one batch's activations (float32)."""
-    from pragnosia_pl.lm_base import VOCAB_SIZE
-
     d, n_layers = model.hparams.d_model, model.hparams.n_shared_layers
-    heads, vocab = model.hparams.n_heads, VOCAB_SIZE
+    heads, vocab = model.hparams.n_heads, model.vocab_size
     N = batch_size * block_size
     shared_params = sum(p.numel() for p in model.parameters())  # GlobalMoE: its experts too
     floor = {"shared": 4.0 * 4 * shared_params}  # parameter, gradient, two Adam moments
