@@ -226,4 +226,5 @@ def test_the_option_list_is_short():
         "seed",
         "experts_per_domain",
         "expert_layers",  # issue 22: expert layers in the trunk's blocks
+        "vocab_size",  # issue 22: linked from data.vocab_size (a tokenizer), not typed by the user
     ]
