@@ -46,7 +46,8 @@ class PragnosiaLM(LanguageModel):
       tokens; the LM loss sees its output detached. One store read per touched expert per step.
     - ``exact``: each expert steps on the LM loss's gradient for it and the trunk also gets the gradient through
       the experts' inputs: global backpropagation through the MoE, one expert at a time, equal to ``GlobalMoE``
-      with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``). Two store reads per touched expert.
+      with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``). Two store reads per touched expert:
+      its parameters for the first pass, the rest of its record (all of it, if it left the cache) for the second.
 
     A step whose loss or gradient is NaN/inf skips that update (an expert's record is not written, the shared
     parameters keep their values); after :data:`MAX_NONFINITE` consecutive such steps training stops.
@@ -86,6 +87,9 @@ class PragnosiaLM(LanguageModel):
             were at its end; evaluation averages the domains' models by their posterior given the prefix. Domain
             switches come from ``on_domain_switch`` (``callbacks.DomainSwitcher`` calls it). ``None``: one set of
             experts and shared parts for all data (DESIGN §3 as written).
+        host_tier_bytes: ``disk``/``direct``: host memory (bytes) for the most recently written records between the
+            file and the device slots, written to the file when evicted and before every snapshot (a store larger
+            than RAM then reads its hot experts from memory); 0: none.
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -121,6 +125,7 @@ class PragnosiaLM(LanguageModel):
         grad_clip: float = 1.0,
         seed: int = 0,
         experts_per_domain: int | None = None,
+        host_tier_bytes: int = 0,
     ) -> None:
         super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip)
         self.save_hyperparameters()
@@ -146,6 +151,10 @@ class PragnosiaLM(LanguageModel):
             raise ValueError(f"model.micro_batch ({micro_batch}) must be ≥ 1 or null (the whole batch)")
         if store not in STORE_KINDS:
             raise ValueError(f"model.store ({store!r}) must be one of: {', '.join(STORE_KINDS)}")
+        if host_tier_bytes < 0 or (host_tier_bytes and store not in ("disk", "direct")):
+            raise ValueError(
+                f"model.host_tier_bytes ({host_tier_bytes}) must be 0 (none), or > 0 with model.store disk or direct"
+            )
         self.automatic_optimization = False
         with seeded(seed, 1):
             self.router = Router(d_model, num_experts, num_active_experts, router=router)
@@ -163,6 +172,8 @@ class PragnosiaLM(LanguageModel):
             store_dir=store_dir,
             default_root=self._log_root,
             checkpoint_path=lambda: self.checkpoint_file,
+            params_numel=self.layout.num_params,
+            host_tier_bytes=host_tier_bytes,
         )
         self.checkpoint_file: str | None = None  # set by `pragnosia generate`, else the trainer's ckpt_path
         self.usage: Counter[int] = Counter()  # steps each expert was touched in, since the run began
@@ -276,7 +287,9 @@ class PragnosiaLM(LanguageModel):
         inputs = _PairRows(h_in, groups, gather_once=self.hparams.micro_batch is None)  # each expert's (N_e, d)
         target_pairs = targets[groups.token_idx] if self.rule.objective == "local" else None  # (N·k,)
         local_losses: list[torch.Tensor] = []
-        for position, (expert_id, record) in enumerate(cache.stream(groups.expert_ids)):
+        # exact runs the experts here and updates them in the second pass: their parameters are all it reads now
+        params_only = self.rule.objective == "exact"
+        for position, (expert_id, record) in enumerate(cache.stream(groups.expert_ids, params_only=params_only)):
             rows = groups.rows(position)
             if self.rule.objective == "exact" and self._kept is not None:
                 expert_out[rows], saved = self.layout.forward_saving(self.layout.split(record)[0], inputs[rows])
@@ -357,6 +370,10 @@ class PragnosiaLM(LanguageModel):
                 f"NaN/inf loss or gradient; the last one skipped {' and '.join(what)}. Lower model.lr or "
                 "model.local_lr, or check the data"
             )
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.residency.begin_step()
 
     @override
     def on_train_epoch_end(self) -> None:

@@ -45,14 +45,26 @@ def expert_parameters(model: PragnosiaLM) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("store", "cache", "grad_clip"),
-    [("device", 12, 1.0), ("host", 12, 1.0), ("disk", 12, 1.0), ("disk", 3, 1.0), ("host", 4, 0.05)],
+    ("store", "cache", "grad_clip", "tier_records"),
+    [
+        ("device", 12, 1.0, 0),
+        ("host", 12, 1.0, 0),
+        ("disk", 12, 1.0, 0),
+        ("disk", 3, 1.0, 0),
+        ("host", 4, 0.05, 0),
+        ("direct", 3, 1.0, 0),
+        ("disk", 3, 1.0, 4),
+        ("direct", 3, 1.0, 4),
+    ],
 )
-def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip):
+def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip, tier_records):
     """Same seed, data and clipping, 5 steps: every shared parameter and every expert within 1e-5 (a cache of 2 or
-    3 slots is smaller than the ~10 experts a step touches, so they stream and are evicted)."""
+    3 slots is smaller than the ~10 experts a step touches, so they stream and are evicted; the first pass reads the
+    parameters only). With a host tier of 4 records (``tier_records``), smaller than the touched set too, records
+    are evicted from it to the file every step."""
     loader = token_loader(5, batch_size=4, block_size=16)
-    ours = exact_model(tmp_path, store, cache, grad_clip=grad_clip)
+    record_bytes = exact_model(tmp_path, "host", cache).layout.record_numel * 4
+    ours = exact_model(tmp_path, store, cache, grad_clip=grad_clip, host_tier_bytes=tier_records * record_bytes)
     cpu_trainer(tmp_path, max_steps=5).fit(ours, train_dataloaders=loader)
     reference = GlobalMoE(**SHAPE, lr=1e-2, router="flat", grad_clip=grad_clip)
     cpu_trainer(tmp_path, max_steps=5).fit(reference, train_dataloaders=loader)
@@ -63,6 +75,38 @@ def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip):
     theirs = torch.stack([torch.nn.utils.parameters_to_vector(e.parameters()) for e in reference.experts])
     torch.testing.assert_close(expert_parameters(ours), theirs.detach(), rtol=0, atol=1e-5)
     assert len(ours.usage) > 6 and ours.experts().stats()["evictions"] > (0 if cache < 12 else -1)
+    if tier_records:
+        stats = ours.store.stats()
+        assert stats["tier_hits"] > 0 and stats["tier_evictions"] > 0 and stats["backing_writes"] > 0
+
+
+@pytest.mark.parametrize("store", ["host", "direct"])
+def test_exact_reads_the_parameters_then_the_rest_of_each_record(tmp_path, store):
+    """One step of ``exact`` with Adam and one device slot: the first pass reads each touched expert's parameters
+    (P bytes); the second, in reverse order, finds the last one's parameters still in the slot and reads its state
+    (S bytes: Adam's two moments and the step), and reads every other record whole (P + S). Fails if the first
+    pass reads whole records, or if the second reads a resident expert's parameters again."""
+    model = exact_model(tmp_path, store, 1)
+    record = torch.empty(model.layout.record_numel)
+    for expert_id in range(SHAPE["num_experts"]):  # on the disk: the direct store reads the file, not init_record
+        model.layout.init_record(expert_id, record)
+        model.store.write(expert_id, record)
+    written = model.store.stats()["bytes_written"]
+    cpu_trainer(tmp_path, max_steps=1).fit(model, train_dataloaders=token_loader(1, batch_size=4, block_size=16))
+    layout, touched = model.layout, len(model.usage)
+    params_bytes = 4 * layout.num_params
+    state_bytes = 4 * (layout.record_numel - layout.num_params)
+    assert state_bytes == 4 * (2 * layout.num_params + 1)  # Adam: m, v and the step
+    expected = touched * params_bytes + state_bytes + (touched - 1) * (params_bytes + state_bytes)
+    stats = model.memory_stats()
+    assert touched > 4
+    assert stats["store_bytes_read"] == stats["step_store_bytes_read"] == expected
+    assert stats["store_reads"] == 2 * touched
+    assert stats["step_store_bytes_written"] == stats["store_bytes_written"] - written
+    if store == "direct":  # the file moves whole 4 KiB blocks of the parts asked for
+        blocks = -(-params_bytes // 4096) * 4096, -(-state_bytes // 4096) * 4096
+        file_read = model.store.stats()["file_bytes_read"]
+        assert file_read == touched * blocks[0] + blocks[1] + (touched - 1) * sum(blocks)
 
 
 def test_same_seed_same_initial_weights(tmp_path):
