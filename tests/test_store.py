@@ -729,6 +729,20 @@ def test_host_tier_keeps_the_most_written_records_within_its_budget_and_writes_t
     assert all(same_bits(read(backing, e), value) for e, value in expected.items())  # the file holds them now
 
 
+def test_a_host_tier_smaller_than_a_record_is_refused_and_its_disk_store_closed(tmp_path, monkeypatch):
+    closed, close = [], DiskStore.close
+    monkeypatch.setattr(DiskStore, "close", lambda store: closed.append(store.path) or close(store))
+    with pytest.raises(ValueError, match=r"model.host_tier_bytes \(100\) must hold at least one record \(256 bytes\)"):
+        make_store(
+            "direct", num_experts=N, record_numel=R, init_record=make_init(), directory=tmp_path, host_tier_bytes=100
+        )
+    assert closed == [tmp_path / "experts.bin"]  # not left open, its file locked, until garbage collection
+    with pytest.raises(
+        ValueError, match=r"model.host_tier_bytes \(4096\) needs model.store disk or direct, not 'host'"
+    ):
+        make_store("host", num_experts=N, record_numel=R, init_record=make_init(), host_tier_bytes=4096)
+
+
 def test_host_tier_raises_a_failed_eviction_before_a_snapshot_or_restore(tmp_path, monkeypatch):
     store = build("direct+tier", tmp_path)  # 6 records
     for expert_id in range(6):
