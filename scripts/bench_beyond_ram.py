@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, help="number of experts (default 2816)")
     parser.add_argument("--expert-hidden", type=int, help="expert width (default 4096)")
-    parser.add_argument("--steps", type=int, help="training steps (default 60)")
+    parser.add_argument("--steps", type=int, help="training steps (default 60; --store-bound: per round, 2)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
     parser.add_argument("--objective", choices=["exact", "local"])
     parser.add_argument("--store-dir", help="where the store and the disk probe go (default OUT/store)")
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stores", nargs="+", choices=["host", "direct", "direct+tier"], help="--store-bound only")
     parser.add_argument("--tier-gib", type=float, help="--store-bound: the host tier of direct+tier (default 1)")
     parser.add_argument("--warmup-steps", type=int, help="--store-bound: steps not counted (default 2)")
+    parser.add_argument("--rounds", type=int, help="--store-bound: rounds of --steps per store, in turn (default 3)")
     args = parser.parse_args(argv)
     if args.store_bound:
         store_bound(parser, args, argv)
@@ -113,6 +114,7 @@ def store_bound(parser: argparse.ArgumentParser, args: argparse.Namespace, argv:
         stores=None if args.stores is None else tuple(args.stores),
         host_tier_bytes=None if args.tier_gib is None else int(args.tier_gib * 2**30),
         warmup_steps=args.warmup_steps,
+        rounds=args.rounds,
     )
     config = StoreBoundConfig.quick(**changes) if args.quick else StoreBoundConfig(**changes)
     run_store_bound(config, out, command=shlex.join(["python", "scripts/bench_beyond_ram.py", *argv]))

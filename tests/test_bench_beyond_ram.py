@@ -64,6 +64,7 @@ def test_quick_store_bound_run_compares_the_stores_on_one_model(tmp_path):
     assert list(runs) == ["host", "direct", "direct+tier"]
     for name, run in runs.items():
         assert len(run["steps"]) == 3 and len(run["counted"]) == 2, name
+        assert [step["round"] for step in run["steps"]] == [0, 0, 1]
         for step in run["counted"]:
             touched, params, record = step["touched"], run["params_bytes"], run["record_bytes"]
             assert touched > 0 and step["reads"] <= 2 * touched
@@ -75,5 +76,6 @@ def test_quick_store_bound_run_compares_the_stores_on_one_model(tmp_path):
     assert sum(step["disk_bytes_read"] for step in tiered) < sum(step["disk_bytes_read"] for step in direct)
     assert [s["touched"] for s in runs["host"]["steps"]] == [s["touched"] for s in runs["direct"]["steps"]]
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())
+    assert set(result["paired_ratios"]) == {"direct", "direct+tier"}
     page = (out / "README.md").read_text()
     assert "`direct+tier`" in page and result["command"] in page

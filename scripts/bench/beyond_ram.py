@@ -456,7 +456,8 @@ class StoreBoundConfig:
         expert_cache, lr: 8 device slots, Adam at the shared lr.
         stores: ``host``, ``direct``, or ``direct+tier`` (``direct`` behind a host tier of ``host_tier_bytes``).
         host_tier_bytes: the tier (1 GiB: a third of the store).
-        warmup_steps, steps: steps run first and not counted, then the counted ones.
+        warmup_steps, steps, rounds: ``rounds`` rounds of ``steps`` counted steps per store, the stores in turn
+            within a round (so they share the machine's load), and ``warmup_steps`` more first, not counted.
         batch_size, block_size: random bytes a step (``batch_size × block_size``).
         store_dir: where the direct store's file goes; default ``<out>/store`` (deleted afterwards).
         threads: torch CPU threads.
@@ -473,7 +474,8 @@ class StoreBoundConfig:
     stores: tuple[str, ...] = ("host", "direct", "direct+tier")
     host_tier_bytes: int = 2**30
     warmup_steps: int = 2
-    steps: int = 6
+    steps: int = 2
+    rounds: int = 3
     batch_size: int = 16
     block_size: int = 128
     store_dir: str | None = None
@@ -497,7 +499,8 @@ class StoreBoundConfig:
             expert_cache=3,
             host_tier_bytes=6 * 4 * (3 * (2 * 16 * 64 + 64 + 16 + 2 * 16) + 1),
             warmup_steps=1,
-            steps=2,
+            steps=1,
+            rounds=2,
             batch_size=2,
             block_size=32,
         )
@@ -531,6 +534,7 @@ def store_meter():
 
         def __init__(self) -> None:
             self.steps: list[dict[str, float]] = []
+            self.round = 0  # set by the caller before each round's fit
             self._start: tuple[float, dict[str, float]] = (0.0, {})
 
         @override
@@ -544,43 +548,44 @@ def store_meter():
             row = {key: after[key] - before[key] for key in after}
             row["seconds"] = time.perf_counter() - started
             row["touched"] = row.pop("updates")
+            row["round"] = self.round
             self.steps.append(row)
 
     return StoreMeter()
 
 
 def run_store_bound(config: StoreBoundConfig, out: Path, command: str = "", log=print) -> dict[str, Any]:
-    """Each store of ``config.stores`` in turn, filled with every expert's initial record, trained ``warmup_steps
-    + steps`` on the same random bytes; writes ``out/store_bound.json`` and ``out/README.md``."""
+    """Every store of ``config.stores``, each filled with every expert's initial record, trained ``rounds`` times
+    ``steps`` steps in turn (``warmup_steps`` more in the first round, not counted), on the same random bytes: the
+    stores share the machine's load round by round. Writes ``out/store_bound.json`` and ``out/README.md``."""
     import gc
 
     import torch
     from lightning.pytorch import Trainer, seed_everything
     from torch.utils.data import DataLoader, TensorDataset
 
+    import pragnosia_pl
     from pragnosia_pl import PragnosiaLM
 
     torch.set_num_threads(config.threads)
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
     store_dir = Path(config.store_dir) if config.store_dir else out / "store"
-    total = config.warmup_steps + config.steps
+    total = config.warmup_steps + config.rounds * config.steps
     generator = torch.Generator().manual_seed(config.seed)
     blocks = torch.randint(0, 256, (total * config.batch_size, config.block_size + 1), generator=generator)
-    loader = DataLoader(TensorDataset(blocks[:, :-1], blocks[:, 1:]), batch_size=config.batch_size)
-    import pragnosia_pl
-
     result: dict[str, Any] = {
         **report.report_header("store_bound", started, config, command, load=os.getloadavg()[0]),
         "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
         "package": str(Path(pragnosia_pl.__file__).parent),  # the code measured (a "before" run imports another)
         "runs": [],
     }
+    models, meters = {}, {}
     for contender in config.stores:
         kind, _, tier = contender.partition("+")
         seed_everything(config.seed, verbose=False)
         options = dict(host_tier_bytes=config.host_tier_bytes) if tier else {}  # absent before issue 25
-        model = PragnosiaLM(
+        models[contender] = model = PragnosiaLM(
             d_model=config.d_model,
             n_shared_layers=config.n_shared_layers,
             n_heads=config.n_heads,
@@ -600,44 +605,71 @@ def run_store_bound(config: StoreBoundConfig, out: Path, command: str = "", log=
         store = model.store
         log(f"store_bound: {contender}: writing {config.num_experts} records")
         fill = fill_store(getattr(store, "backing", store), log)  # the tier starts empty
-        meter = store_meter()
-        trainer = Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=total,
-            default_root_dir=str(out / "lightning"),
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            callbacks=[meter],
+        meters[contender] = store_meter()
+        result["runs"].append(
+            {
+                "store": contender,
+                "record_bytes": store.record_bytes,
+                "params_bytes": 4 * model.layout.num_params,
+                "fill_seconds": fill["seconds"],
+                "load_average_before": os.getloadavg(),
+            }
         )
-        load_before = os.getloadavg()
-        trainer.fit(model, train_dataloaders=loader)
+    first = 0  # the round's first batch
+    for round_ in range(config.rounds):
+        count = config.steps + (config.warmup_steps if round_ == 0 else 0)
+        part = blocks[first * config.batch_size : (first + count) * config.batch_size]
+        loader = DataLoader(TensorDataset(part[:, :-1], part[:, 1:]), batch_size=config.batch_size)
+        first += count
+        for contender, model in models.items():  # every fit builds the shared AdamW anew: the same for each store
+            meters[contender].round = round_
+            trainer = Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_steps=count,
+                default_root_dir=str(out / "lightning"),
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=False,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+                callbacks=[meters[contender]],
+            )
+            trainer.fit(model, train_dataloaders=loader)
+        log(f"store_bound: round {round_ + 1} of {config.rounds} done")
+    for run in result["runs"]:
+        model, steps = models[run["store"]], meters[run["store"]].steps
         model.experts().flush()
-        run = {
-            "store": contender,
-            "record_bytes": store.record_bytes,
-            "params_bytes": 4 * model.layout.num_params,
-            "fill_seconds": fill["seconds"],
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg(),
-            "steps": meter.steps,
-            "counted": meter.steps[config.warmup_steps :],
-        }
-        result["runs"].append(run)
-        log(f"store_bound: {contender}: {json.dumps(summarize_store_bound(run))}")
-        store.close()
-        del model, store, trainer
-        gc.collect()
-        shutil.rmtree(store_dir / contender, ignore_errors=True)
+        run.update(load_average_after=os.getloadavg(), steps=steps, counted=steps[config.warmup_steps :])
+        log(f"store_bound: {run['store']}: {json.dumps(summarize_store_bound(run))}")
+        model.store.close()
+    models.clear()
+    gc.collect()
+    result["paired_ratios"] = paired_ratios(result["runs"])
+    log(f"store_bound: ÷ host, median over rounds: {json.dumps(result['paired_ratios'])}")
+    shutil.rmtree(store_dir, ignore_errors=True)
     shutil.rmtree(out / "lightning", ignore_errors=True)
     result["wall_minutes"] = (time.time() - started) / 60
     (out / "store_bound.json").write_text(json.dumps(result, indent=2) + "\n")
     write_store_bound_page(out)
     return result
+
+
+def paired_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each store's median step time over the host store's, round by round (the rounds ran one after the other,
+    the stores in turn within a round), then the median over the rounds; empty without a host run or rounds."""
+    by_round: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for step in run["counted"]:
+            if "round" in step:
+                by_round.setdefault(run["store"], {}).setdefault(step["round"], []).append(step["seconds"])
+    host = by_round.get("host", {})
+    return {
+        store: statistics.median(statistics.median(rounds[r]) / statistics.median(host[r]) for r in rounds if r in host)
+        for store, rounds in by_round.items()
+        if store != "host" and any(r in host for r in rounds)
+    }
 
 
 def summarize_store_bound(run: dict[str, Any]) -> dict[str, float]:
@@ -679,15 +711,23 @@ def write_store_bound_page(out: Path) -> None:
         f"- Model: `exact`, n = {config['num_experts']}, experts {config['d_model']} → {config['expert_hidden']} → "
         f"{config['d_model']} with Adam, {config['expert_cache']} device slots, k = {config['num_active_experts']}, "
         f"{config['batch_size']} × {config['block_size']} random bytes a step, {config['threads']} torch thread(s); "
-        f"{config['warmup_steps']} steps not counted, then {config['steps']} counted (medians and means over them). "
+        f"{config['warmup_steps']} steps not counted, then "
+        + (
+            f"{config['rounds']} rounds of {config['steps']} counted steps per store, the stores in turn within a "
+            "round (so they share the machine's load alike)"
+            if "rounds" in config
+            else f"{config['steps']} counted, one store after the other"
+        )
+        + " (medians and means over the counted steps). "
         f"Host tier: {config['host_tier_bytes'] / 2**30:g} GiB.",
         "- P: an expert's parameter bytes; a record is P + 2P (Adam's moments) + 4 bytes (its step).",
     ]
-    for label, report_ in (("After", result), ("Before", before)):
+    for label, report_ in (("After" if before else "Run", result), ("Before", before)):
         if report_ is None:
             continue
         summaries = [(run, summarize_store_bound(run)) for run in report_["runs"]]
         host = next((s["ms_per_step"] for run, s in summaries if run["store"] == "host"), None)
+        paired = report_.get("paired_ratios", {})
         rows = []
         for run, s in summaries:
             loads = f"{run['load_average_before'][0]:.1f} → {run['load_average_after'][0]:.1f}"
@@ -696,6 +736,7 @@ def write_store_bound_page(out: Path) -> None:
                     f"`{run['store']}`",
                     f"{s['ms_per_step']:,.0f}",
                     f"{s['ms_per_step'] / host:.2f}" if host else "",
+                    f"{paired[run['store']]:.2f}" if run["store"] in paired else "",
                     f"{s['touched_per_step']:.0f}",
                     f"{s['reads_per_touched']:.2f}",
                     f"{s['read_per_step'] / 2**20:,.0f}",
@@ -721,6 +762,7 @@ def write_store_bound_page(out: Path) -> None:
                     "Store",
                     "ms per step",
                     "÷ host",
+                    "÷ host, paired by round (median)",
                     "Touched experts per step",
                     "Reads per touched expert",
                     "Read per step (MiB)",
@@ -732,7 +774,7 @@ def write_store_bound_page(out: Path) -> None:
                     "Load average (1 min) before → after",
                 ],
                 rows,
-                align="lrrrrrrrrrrl",
+                align="lrrrrrrrrrrrl",
             ),
         ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
