@@ -527,6 +527,7 @@ def store_meter():
             "disk_read_seconds": disk.get("read_seconds", 0.0),
             "disk_write_seconds": disk.get("write_seconds", 0.0),
             "tier_hits": store.get("tier_hits", 0.0),
+            "cpu_seconds": time.process_time(),  # every thread of the process: the work, whatever the load
         }
 
     class StoreMeter(Callback):
@@ -690,6 +691,7 @@ def summarize_store_bound(run: dict[str, Any]) -> dict[str, float]:
         "disk_read_per_step": per_step("disk_bytes_read"),
         "disk_written_per_step": per_step("disk_bytes_written"),
         "disk_seconds_per_step": per_step("disk_read_seconds") + per_step("disk_write_seconds"),
+        "cpu_seconds_per_step": per_step("cpu_seconds") if "cpu_seconds" in steps[0] else float("nan"),
         "tier_hits_per_step": per_step("tier_hits"),
     }
 
@@ -744,6 +746,9 @@ def write_store_bound_page(out: Path) -> None:
                     f"{s['written_per_step'] / 2**20:,.0f}",
                     f"{s['disk_read_per_step'] / 2**20:,.0f} / {s['disk_written_per_step'] / 2**20:,.0f}",
                     f"{s['disk_seconds_per_step']:.2f}",
+                    f"{s['cpu_seconds_per_step']:.1f}"
+                    if s["cpu_seconds_per_step"] == s["cpu_seconds_per_step"]
+                    else "",
                     f"{s['tier_hits_per_step']:.0f}",
                     loads,
                 ]
@@ -770,11 +775,12 @@ def write_store_bound_page(out: Path) -> None:
                     "Written per step (MiB)",
                     "Disk read / written per step (MiB)",
                     "Store worker's seconds in the disk per step",
+                    "CPU seconds per step (all threads)",
                     "Tier hits per step",
                     "Load average (1 min) before → after",
                 ],
                 rows,
-                align="lrrrrrrrrrrrl",
+                align="lrrrrrrrrrrrrl",
             ),
         ]
     (out / "README.md").write_text("\n".join(lines) + "\n")
