@@ -79,3 +79,17 @@ def test_quick_store_bound_run_compares_the_stores_on_one_model(tmp_path):
     assert set(result["paired_ratios"]) == {"direct", "direct+tier"}
     page = (out / "README.md").read_text()
     assert "`direct+tier`" in page and result["command"] in page
+
+
+def test_checked_in_store_bound_pages_are_their_json_rendered(tmp_path):
+    """The store-bound pages (after, and before issue 25) are written from their JSON."""
+    import shutil
+
+    from bench.beyond_ram import write_store_bound_page
+
+    results = Path(__file__).resolve().parents[1] / "scripts" / "results" / "store_bound"
+    for folder in (results, results / "before"):
+        copy = tmp_path / folder.relative_to(results.parent)
+        shutil.copytree(folder, copy, dirs_exist_ok=True)  # the main folder's copy holds its before/ too
+        write_store_bound_page(copy)
+        assert (copy / "README.md").read_text() == (folder / "README.md").read_text(), folder
