@@ -12,12 +12,16 @@ DESIGN §4 invariants 3 (exact) and 7. Mutations seen failing here, and the test
   then read as the first): exact ≡ GlobalMoE (every store), micro-batches ≡ whole batch, and in test_module.py the
   local-objective and causal-evaluation tests;
 - the autograd fallback not re-pointing its saved parameters to the expert's slot at the backward (stale when
-  the expert was evicted and reloaded elsewhere between the passes): the autograd-fallback test (exact).
+  the expert was evicted and reloaded elsewhere between the passes): the autograd-fallback test (exact);
+- the first pass reading whole records, or the second pass re-reading the parameters of an expert still in its slot:
+  the bytes-per-touched-expert test; a host tier whose writes are not marked dirty: exact ≡ GlobalMoE (tier cases);
+- `memory_stats()`'s step entries never reset at a step's start: reads per touched expert (steps add up to the run).
 """
 
 import pytest
 import torch
 from conftest import cpu_trainer, expert_records, token_loader
+from lightning.pytorch import Callback
 
 from pragnosia_pl import GlobalMoE, PragnosiaLM
 from pragnosia_pl.model import FeedForward, init_weights
@@ -136,10 +140,21 @@ def test_store_reads_per_touched_expert(tmp_path, objective, limit):
         store="disk",
         store_dir=str(tmp_path / "store"),
     )
-    trainer = cpu_trainer(tmp_path, max_steps=6)
+    per_step = []  # memory_stats()' step_* entries at the end of each step, as MemoryMonitor logs them
+
+    class StepStats(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            stats = pl_module.memory_stats()
+            per_step.append([stats[f"step_store_{key}"] for key in ("reads", "bytes_read", "bytes_written")])
+
+    trainer = cpu_trainer(tmp_path, max_steps=6, callbacks=[StepStats()])
     trainer.fit(model, train_dataloaders=token_loader(6, batch_size=4, block_size=16))
     touched = sum(model.usage.values())  # Σ over steps of the experts each step touched
     stats = model.memory_stats()
+    assert len(per_step) == 6 and all(reads > 0 for reads, _, _ in per_step)
+    sums = [sum(column) for column in zip(*per_step)]  # the steps' own traffic adds up to the run's
+    assert sums[:2] == [stats["store_reads"], stats["store_bytes_read"]]
+    assert sums[2] <= stats["store_bytes_written"]  # the last dirty experts are written back after the last step
     assert touched >= 6 * 6
     assert stats["store_reads"] <= limit * touched
     assert stats["store_reads"] > (limit - 1) * touched  # a cache of 3 cannot hold a step's experts

@@ -192,8 +192,8 @@ class ExpertStore(ABC):
         return sorted(self._written)
 
     def stats(self) -> dict[str, float]:
-        """Cumulative traffic (``reads``, ``writes``, ``bytes_read``, ``bytes_written``, ``lazy_reads``)
-        and the current number of ``materialized`` experts."""
+        """Cumulative traffic (``reads``, ``writes``, ``bytes_read``, ``bytes_written``, ``lazy_reads``; a part read
+        counts as a read of that part's bytes) and the current number of ``materialized`` experts."""
         stats = {key: float(value) for key, value in self._counters.items()}
         stats["materialized"] = float(len(self._written))
         return stats
