@@ -1,4 +1,14 @@
-"""Expert stores and the device expert cache (DESIGN §4.1, §4.2, §5)."""
+"""Expert stores and the device expert cache (DESIGN §4.1, §4.2, §5).
+
+Issue 25's mutations, each seen failing the test named:
+- ``ExpertCache.invalidate`` dropping queued write-backs unwaited: the invalidate-raises test;
+- a short read retried from the unaligned offset it reached: the aligned-retry test (``direct``: EINVAL);
+- a part read moving the whole record: the part-read test; the state's checksum not checked: the per-part checksum test;
+- the host tier: a snapshot without writing its dirty records back, or plain LRU admission: its budget test; a tier hit
+  copied at once instead of in the disk worker's order: the random-operations test (direct+tier); a restore keeping its
+  rows: the snapshot/restore test (direct+tier); a failed eviction write dropped: its failed-eviction test;
+- a refused tier leaving its disk store open: the too-small-tier test.
+"""
 
 import errno
 import hashlib
