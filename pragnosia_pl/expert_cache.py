@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from pragnosia_pl.store import ExpertStore, Pending
+from pragnosia_pl.store.base import RecordPart
 
 
 class ExpertCache:
@@ -22,6 +23,10 @@ class ExpertCache:
     The slot returned by the most recent :meth:`load` is never evicted by :meth:`prefetch`, nor by
     :meth:`load` while another slot can be evicted, so a caller working on expert ``a`` can prefetch
     ``b``.
+
+    A pass that only runs experts asks for their parameters alone (``params_only=True``): the store reads the
+    record's parameter part, and a later whole load of a resident expert reads only the rest (its optimizer state).
+    Only an expert loaded whole can be marked dirty.
 
     Args:
         store: where the records live off the device.
@@ -50,6 +55,7 @@ class ExpertCache:
         self.device = torch.device(device)
         self.slots = torch.zeros(self.capacity, store.record_numel, device=self.device)  # (C, R)
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # resident expert -> slot, least recent first
+        self._params_only: set[int] = set()  # residents whose slot holds their parameters, not their state
         self._free_slots = list(range(self.capacity - 1, -1, -1))
         self._dirty: set[int] = set()
         self._loading: dict[int, Pending] = {}  # prefetched experts whose read may still be in flight
@@ -57,11 +63,12 @@ class ExpertCache:
         self._current: int | None = None  # expert returned by the most recent load()
         self._ahead: set[int] = set()  # experts the running stream() has yet to yield
         self._counters = dict(
-            hits=0, misses=0, loads=0, prefetches=0, evictions=0, writebacks=0, bytes_in=0, bytes_out=0
+            hits=0, misses=0, state_loads=0, loads=0, prefetches=0, evictions=0, writebacks=0, bytes_in=0, bytes_out=0
         )
 
-    def load(self, expert_id: int) -> torch.Tensor:
-        """Makes ``expert_id`` resident and returns its slot, a ``(record_numel,)`` view of :attr:`slots`.
+    def load(self, expert_id: int, params_only: bool = False) -> torch.Tensor:
+        """Makes ``expert_id`` resident and returns its slot, a ``(record_numel,)`` view of :attr:`slots`; with
+        ``params_only`` only the slot's parameter part is sure to hold the expert's.
 
         The record is ready for work queued on the current CUDA stream (or at once on the CPU).
 
@@ -76,55 +83,64 @@ class ExpertCache:
         if slot is not None:
             self._counters["hits"] += 1
             self._slot_of.move_to_end(expert_id)
-            pending = self._loading.pop(expert_id, None)
+            pending = [self._loading.pop(expert_id, None)]
+            if not params_only and expert_id in self._params_only:
+                pending.append(self._start_read(expert_id, slot, "state"))
+                self._loading.pop(expert_id)
         else:
             self._counters["misses"] += 1
             slot = self._take_slot(may_evict_current=True, may_evict_loading=True)
             assert slot is not None  # every resident may be evicted by load()
-            pending = self._start_read(expert_id, slot)
+            pending = [self._start_read(expert_id, slot, "params" if params_only else "record")]
             self._loading.pop(expert_id)
-        if pending is not None:
-            try:
-                pending.wait()
-            except BaseException:
-                self._forget(expert_id)
-                raise
+        try:
+            _wait_all([handle for handle in pending if handle is not None])
+        except BaseException:
+            self._forget(expert_id)
+            raise
         self._current = expert_id
         return self.slots[slot]
 
-    def stream(self, expert_ids: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    def stream(self, expert_ids: Sequence[int], params_only: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
         """Yields ``(expert_id, record)`` for each id in order, reading up to ``capacity - 1`` of the next ones
         while the caller works on this one: the one loop through the slots that training, evaluation and
-        generation share. Each record is a slot view, valid until the next iteration."""
+        generation share. Each record is a slot view, valid until the next iteration; with ``params_only`` only
+        its parameters are read (a pass that runs the experts and updates none)."""
         self._ahead = set(expert_ids)  # not evicted for a prefetch while an expert the stream is done with can be
         ahead = 0  # experts after this one already asked for
         try:
             for position, expert_id in enumerate(expert_ids):
-                record = self.load(expert_id)
+                record = self.load(expert_id, params_only)
                 self._ahead.discard(expert_id)
                 ahead = max(ahead - 1, 0)
                 while ahead < self.capacity - 1 and position + ahead + 1 < len(expert_ids):
-                    self.prefetch(expert_ids[position + ahead + 1])  # the store's worker reads while we compute
+                    # the store's worker reads while we compute
+                    self.prefetch(expert_ids[position + ahead + 1], params_only)
                     ahead += 1
                 yield expert_id, record
         finally:
             self._ahead = set()
 
-    def prefetch(self, expert_id: int) -> None:
-        """Starts reading ``expert_id`` into a slot; a later :meth:`load` waits for it.
+    def prefetch(self, expert_id: int, params_only: bool = False) -> None:
+        """Starts reading ``expert_id`` (its parameters alone with ``params_only``) into a slot; a later
+        :meth:`load` waits for it.
 
-        A no-op when it is resident already, or when the only evictable slot is the most recently
-        loaded one (or one still being prefetched).
+        A no-op when it is resident already (as much of it as asked for), or when the only evictable slot is the
+        most recently loaded one (or one still being prefetched).
         """
         self._check_id(expert_id)
         self._reap_writebacks()
-        if expert_id in self._slot_of:
+        slot = self._slot_of.get(expert_id)
+        if slot is not None:
+            if not params_only and expert_id in self._params_only and expert_id not in self._loading:
+                self._counters["prefetches"] += 1
+                self._start_read(expert_id, slot, "state")
             return
         slot = self._take_slot(may_evict_current=False, may_evict_loading=False)
         if slot is None:
             return
         self._counters["prefetches"] += 1
-        self._start_read(expert_id, slot)
+        self._start_read(expert_id, slot, "params" if params_only else "record")
 
     def mark_dirty(self, expert_id: int) -> None:
         """Records that the slot of ``expert_id`` was modified: it is written back before it leaves.
@@ -134,6 +150,8 @@ class ExpertCache:
         """
         if expert_id not in self._slot_of:
             raise ValueError(f"expert {expert_id} is not resident in the cache; load() it before mark_dirty()")
+        if expert_id in self._params_only:
+            raise ValueError(f"expert {expert_id} was loaded with params_only; load() it whole before mark_dirty()")
         self._dirty.add(expert_id)
 
     def flush(self) -> None:
@@ -142,18 +160,26 @@ class ExpertCache:
             self._write_back(expert_id, self._slot_of[expert_id])
         self._dirty.clear()
         writebacks, self._writebacks = self._writebacks, []
-        for pending in writebacks:
-            pending.wait()
+        _wait_all(writebacks)
         self.store.synchronize()
 
     def invalidate(self) -> None:
-        """Forgets every resident without writing anything back (after ``store.restore``)."""
+        """Forgets every resident without writing anything back (before or after ``store.restore``).
+
+        The write-backs already queued are awaited first: one that failed is raised here, not dropped with its
+        handle (the cache is forgotten either way).
+
+        Raises:
+            OSError: (or whatever the store raised) a queued write-back failed.
+        """
+        writebacks, self._writebacks = self._writebacks, []
         self._slot_of.clear()
+        self._params_only.clear()
         self._loading.clear()
         self._dirty.clear()
-        self._writebacks.clear()
         self._free_slots = list(range(self.capacity - 1, -1, -1))
         self._current = None
+        _wait_all(writebacks)
 
     def resident_ids(self) -> list[int]:
         """Experts that occupy a slot (prefetches in flight included), ascending."""
@@ -164,8 +190,9 @@ class ExpertCache:
         return sorted(self._dirty)
 
     def stats(self) -> dict[str, float]:
-        """Cumulative ``hits``, ``misses``, ``loads``, ``prefetches``, ``evictions``, ``writebacks``,
-        ``bytes_in``, ``bytes_out``, and the current ``resident`` and ``dirty`` counts and ``capacity``."""
+        """Cumulative ``hits``, ``misses``, ``state_loads`` (a resident's optimizer state read after its
+        parameters), ``loads``, ``prefetches``, ``evictions``, ``writebacks``, ``bytes_in``, ``bytes_out``, and the
+        current ``resident`` and ``dirty`` counts and ``capacity``."""
         stats = {key: float(value) for key, value in self._counters.items()}
         stats.update(resident=float(len(self._slot_of)), dirty=float(len(self._dirty)), capacity=float(self.capacity))
         return stats
@@ -199,6 +226,7 @@ class ExpertCache:
 
     def _evict(self, expert_id: int) -> int:
         slot = self._slot_of.pop(expert_id)
+        self._params_only.discard(expert_id)
         # A prefetch still in flight into this slot needs no wait: the store runs operations in issue
         # order, so it lands before the read we are about to queue into the same slot.
         self._loading.pop(expert_id, None)
@@ -224,20 +252,25 @@ class ExpertCache:
         for pending in self._writebacks:
             (finished if pending.done() else in_flight).append(pending)
         self._writebacks = in_flight
-        for pending in finished:
-            pending.wait()  # re-raises a failed write-back
+        _wait_all(finished)  # re-raises a failed write-back
 
-    def _start_read(self, expert_id: int, slot: int) -> Pending:
-        pending = self.store.read_async(expert_id, self.slots[slot])
+    def _start_read(self, expert_id: int, slot: int, part: RecordPart) -> Pending:
+        pending = self.store.read_async(expert_id, self.slots[slot], part)
         self._slot_of[expert_id] = slot
+        if part == "params":
+            self._params_only.add(expert_id)
+        else:
+            self._params_only.discard(expert_id)
+            self._counters["state_loads"] += part == "state"
         self._loading[expert_id] = pending
-        self._counters["bytes_in"] += self.store.record_bytes
+        self._counters["bytes_in"] += self.store.part_bytes(part)
         return pending
 
     def _forget(self, expert_id: int) -> None:
         slot = self._slot_of.pop(expert_id, None)
         if slot is not None:
             self._free_slots.append(slot)
+        self._params_only.discard(expert_id)
         self._loading.pop(expert_id, None)
         self._dirty.discard(expert_id)
         if expert_id == self._current:
@@ -246,3 +279,15 @@ class ExpertCache:
     def _check_id(self, expert_id: int) -> None:
         if not 0 <= expert_id < self.store.num_experts:
             raise IndexError(f"expert id {expert_id} out of range [0, {self.store.num_experts})")
+
+
+def _wait_all(pending: list[Pending]) -> None:
+    """Waits for every handle, then raises the first failure among them: none is dropped unwaited."""
+    failure = None
+    for handle in pending:
+        try:
+            handle.wait()
+        except Exception as error:
+            failure = failure or error
+    if failure is not None:
+        raise failure

@@ -49,7 +49,8 @@ class PragnosiaLM(LanguageModel):
     - ``exact``: each expert steps on the LM loss's gradient for it and the trunk also gets the gradient through
       the experts' inputs: global backpropagation through the MoE, one expert at a time, equal to ``GlobalMoE``
       with the same ``seed`` (``expert_optimizer: adam``, ``local_lr = lr``; other settings warn that the update
-      is not GlobalMoE's). Two store reads per touched expert.
+      is not GlobalMoE's). Two store reads per touched expert: its parameters for the first pass, the rest of its
+      record (all of it, if it left the cache) for the second.
 
     A step whose loss or gradient is NaN/inf skips that update (an expert's record is not written, the shared
     parameters keep their values); after :data:`MAX_NONFINITE` consecutive such steps training stops.
@@ -90,6 +91,9 @@ class PragnosiaLM(LanguageModel):
             were at its end; evaluation averages the domains' models by their posterior given the prefix. Domain
             switches come from ``on_domain_switch`` (``callbacks.DomainSwitcher`` calls it). ``None``: one set of
             experts and shared parts for all data (DESIGN §3 as written).
+        host_tier_bytes: ``disk``/``direct``: host memory (bytes) for the most recently written records between the
+            file and the device slots, written to the file when evicted and before every snapshot (a store larger
+            than RAM then reads its hot experts from memory); 0: none.
         expert_layers: where the expert layers sit: ``top`` (one after the last block), ``every_other`` (in place of
             the feed-forward of blocks 1, 3, 5, …) or ``every`` (of every block). Each has its own router and n
             experts; one store holds them all (expert e of layer l is record l·n + e).
@@ -129,6 +133,7 @@ class PragnosiaLM(LanguageModel):
         grad_clip: float = 1.0,
         seed: int = 0,
         experts_per_domain: int | None = None,
+        host_tier_bytes: int = 0,
         expert_layers: Placement = "top",
         vocab_size: int = 256,
     ) -> None:
@@ -166,6 +171,10 @@ class PragnosiaLM(LanguageModel):
                 f"(model.lr {lr}): the experts step by their own rule, so the update is not GlobalMoE's; it is with "
                 "expert_optimizer: adam and local_lr equal to lr"
             )
+        if host_tier_bytes < 0 or (host_tier_bytes and store not in ("disk", "direct")):
+            raise ValueError(
+                f"model.host_tier_bytes ({host_tier_bytes}) must be 0 (none), or > 0 with model.store disk or direct"
+            )
         self.automatic_optimization = False
         self.routers = nn.ModuleList()
         for layer in range(len(self.placement.after)):
@@ -185,6 +194,8 @@ class PragnosiaLM(LanguageModel):
             store_dir=store_dir,
             default_root=self._log_root,
             checkpoint_path=lambda: self.checkpoint_file,
+            params_numel=self.layout.num_params,
+            host_tier_bytes=host_tier_bytes,
         )
         self.checkpoint_file: str | None = None  # set by `pragnosia generate`, else the trainer's ckpt_path
         self.usage: Counter[int] = Counter()  # steps each expert was touched in, since the run began
@@ -326,7 +337,10 @@ class PragnosiaLM(LanguageModel):
         expert_out = h_in.new_empty(groups.token_idx.numel(), h_in.size(1))  # (N·k, d)
         inputs = _PairRows(h_in, groups, gather_once=self.hparams.micro_batch is None)  # each expert's (N_e, d)
         target_pairs = step.targets[groups.token_idx] if self.rule.objective == "local" else None  # (N·k,)
-        for position, (expert_id, record) in enumerate(step.cache.stream(self._global_ids(layer, groups.expert_ids))):
+        # exact runs the experts here and updates them in the second pass: their parameters are all it reads now
+        params_only = self.rule.objective == "exact"
+        stream = step.cache.stream(self._global_ids(layer, groups.expert_ids), params_only=params_only)
+        for position, (expert_id, record) in enumerate(stream):
             rows = groups.rows(position)
             params = self.layout.split(record)[0]
             if kept is not None:
@@ -416,6 +430,10 @@ class PragnosiaLM(LanguageModel):
                 f"NaN/inf loss or gradient; the last one skipped {' and '.join(what)}. Lower model.lr or "
                 "model.local_lr, or check the data"
             )
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.residency.begin_step()
 
     @override
     def on_train_epoch_end(self) -> None:

@@ -40,6 +40,10 @@ class ExpertResidency:
         default_root: the folder to use without ``store_dir`` (the module passes its run's log directory).
         checkpoint_path: the checkpoint being resumed or loaded, if any (a moved run folder's snapshot is looked
             for near it).
+        params_numel: elements of a record's parameter part (the store reads it alone for a pass that only runs
+            experts); ``None``: the whole record.
+        host_tier_bytes: ``disk``/``direct``: host memory for a tier of records in front of the file
+            (``model.host_tier_bytes``, :class:`~pragnosia_pl.store.HostTier`); 0: none.
 
     Raises:
         ValueError: ``store_dir`` cannot be created.
@@ -63,6 +67,8 @@ class ExpertResidency:
         store_dir: str | None,
         default_root: Callable[[], Path],
         checkpoint_path: Callable[[], str | None] = lambda: None,
+        params_numel: int | None = None,
+        host_tier_bytes: int = 0,
     ) -> None:
         if store_dir is not None:
             _check_creatable(Path(store_dir))
@@ -74,6 +80,9 @@ class ExpertResidency:
         self.store_dir = store_dir
         self.default_root = default_root
         self.checkpoint_path = checkpoint_path
+        self.params_numel = params_numel
+        self.host_tier_bytes = host_tier_bytes
+        self._step_start: dict[str, float] = {}  # the store's traffic counters when the current step began
         self.run_id = secrets.token_hex(4)  # the module broadcasts rank 0's at setup
         self._store: ExpertStore | None = None
         self._cache: ExpertCache | None = None
@@ -95,6 +104,8 @@ class ExpertResidency:
                     init_record=self.init_record,
                     device=device,
                     directory=self._live_directory(),
+                    params_numel=self.params_numel,
+                    host_tier_bytes=self.host_tier_bytes,
                 )
             self._cache = ExpertCache(self._store, self.capacity, device)
         if self._pending_snapshot is not None:
@@ -107,19 +118,38 @@ class ExpertResidency:
         return self._store
 
     def memory_stats(self) -> dict[str, float]:
-        """Resident and materialized experts, records read from the store, bytes moved, cache hits."""
+        """Resident and materialized experts, records (or parts) read from the store and the bytes read and written,
+        in all and since the current step began (:meth:`begin_step`), bytes moved by the cache, cache hits; with a
+        host tier, its hits and the bytes that came from the disk."""
         if self._cache is None:
             return {}
         cache, store = self._cache.stats(), self._store.stats()
-        return {
+        stats = {
             "resident_experts": float(len(self._cache.resident_ids())),
             "materialized_experts": store["materialized"],
             "store_reads": store["reads"],
+            "store_bytes_read": store["bytes_read"],
+            "store_bytes_written": store["bytes_written"],
             "bytes_in": cache["bytes_in"],
             "bytes_out": cache["bytes_out"],
             "cache_hits": cache["hits"],
             "cache_misses": cache["misses"],
         }
+        if "tier_hits" in store:
+            stats.update(tier_hits=store["tier_hits"], disk_bytes_read=store["backing_bytes_read"])
+        for key in ("store_reads", "store_bytes_read", "store_bytes_written"):
+            stats[f"step_{key}"] = stats[key] - self._step_start.get(key, 0.0)
+        return stats
+
+    def begin_step(self) -> None:
+        """Marks the start of a training step: the ``step_*`` entries of :meth:`memory_stats` count from here."""
+        if self._store is not None:
+            store = self._store.stats()
+            self._step_start = {
+                "store_reads": store["reads"],
+                "store_bytes_read": store["bytes_read"],
+                "store_bytes_written": store["bytes_written"],
+            }
 
     def flush(self) -> None:
         if self._cache is not None:

@@ -2,6 +2,7 @@
 
     python scripts/bench_beyond_ram.py                    # 2,816 experts × 12.6 MB = 33.1 GiB (needs ~45 GB free)
     python scripts/bench_beyond_ram.py --quick --out /tmp/beyond_ram   # seconds (what the test runs)
+    python scripts/bench_beyond_ram.py --store-bound      # issue 25: host vs direct vs direct + a 1 GiB host tier
 
 Writes OUT/beyond_ram.json and OUT/README.md (from the JSON); the store goes to --store-dir (default OUT/store) and
 is deleted at the end.
@@ -18,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.beyond_ram import BeyondRamConfig, run, write_page  # noqa: E402
+from bench.beyond_ram import (  # noqa: E402
+    BeyondRamConfig,
+    StoreBoundConfig,
+    run,
+    run_store_bound,
+    write_page,
+    write_store_bound_page,
+)
 from bench.recipes import given  # noqa: E402
 
 
@@ -28,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, help="number of experts (default 2816)")
     parser.add_argument("--expert-hidden", type=int, help="expert width (default 4096)")
-    parser.add_argument("--steps", type=int, help="training steps (default 60)")
+    parser.add_argument("--steps", type=int, help="training steps (default 60; --store-bound: per round, 2)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
     parser.add_argument("--objective", choices=["exact", "local"])
     parser.add_argument("--store-dir", help="where the store and the disk probe go (default OUT/store)")
@@ -43,7 +51,20 @@ def main(argv: list[str] | None = None) -> None:
         "so that freed activation buffers go back to the system)",
     )
     parser.add_argument("--report-only", action="store_true", help="re-render OUT/README.md from its JSON")
+    parser.add_argument(
+        "--store-bound",
+        action="store_true",
+        help="the store-bound step instead (issue 25): n = 256 (default), exact, every store of --stores in turn on "
+        "the same random bytes; OUT defaults to scripts/results/store_bound",
+    )
+    parser.add_argument("--stores", nargs="+", choices=["host", "direct", "direct+tier"], help="--store-bound only")
+    parser.add_argument("--tier-gib", type=float, help="--store-bound: the host tier of direct+tier (default 1)")
+    parser.add_argument("--warmup-steps", type=int, help="--store-bound: steps not counted (default 2)")
+    parser.add_argument("--rounds", type=int, help="--store-bound: rounds of --steps per store, in turn (default 3)")
     args = parser.parse_args(argv)
+    if args.store_bound:
+        store_bound(parser, args, argv)
+        return
     out = args.out or Path(__file__).resolve().parent / "results" / "beyond_ram"
     if args.report_only:
         write_page(out)
@@ -75,6 +96,28 @@ def main(argv: list[str] | None = None) -> None:
             f"{store_dir} has {free / 1e9:.1f} GB free; the store and the probe need about {needed / 1e9:.1f} GB"
         )
     run(config, out, command=shlex.join(["python", "scripts/bench_beyond_ram.py", *argv]))
+
+
+def store_bound(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    out = args.out or Path(__file__).resolve().parent / "results" / "store_bound"
+    if args.report_only:
+        write_store_bound_page(out)
+        return
+    if args.quick and args.out is None:
+        parser.error("--quick needs --out (it would overwrite the real results)")
+    changes = given(
+        num_experts=args.experts,
+        expert_hidden=args.expert_hidden,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        store_dir=args.store_dir,
+        stores=None if args.stores is None else tuple(args.stores),
+        host_tier_bytes=None if args.tier_gib is None else int(args.tier_gib * 2**30),
+        warmup_steps=args.warmup_steps,
+        rounds=args.rounds,
+    )
+    config = StoreBoundConfig.quick(**changes) if args.quick else StoreBoundConfig(**changes)
+    run_store_bound(config, out, command=shlex.join(["python", "scripts/bench_beyond_ram.py", *argv]))
 
 
 if __name__ == "__main__":

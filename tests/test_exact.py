@@ -12,7 +12,10 @@ DESIGN §4 invariants 3 (exact) and 7. Mutations seen failing here, and the test
   then read as the first): exact ≡ GlobalMoE (every store), micro-batches ≡ whole batch, and in test_module.py the
   local-objective and causal-evaluation tests;
 - the autograd fallback not re-pointing its saved parameters to the expert's slot at the backward (stale when
-  the expert was evicted and reloaded elsewhere between the passes): the autograd-fallback test (exact).
+  the expert was evicted and reloaded elsewhere between the passes): the autograd-fallback test (exact);
+- the first pass reading whole records, or the second pass re-reading the parameters of an expert still in its slot:
+  the bytes-per-touched-expert test; a host tier whose writes are not marked dirty: exact ≡ GlobalMoE (tier cases);
+- `memory_stats()`'s step entries never reset at a step's start: reads per touched expert (steps add up to the run).
 """
 
 from collections import Counter, OrderedDict
@@ -56,33 +59,40 @@ def assert_same_model(ours, reference, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize(
-    ("store", "cache", "grad_clip", "expert_layers", "schedule"),
+    ("store", "cache", "grad_clip", "expert_layers", "schedule", "tier_records"),
     [
-        ("device", 12, 1.0, "top", False),
-        ("host", 12, 1.0, "top", False),
-        ("disk", 12, 1.0, "top", False),
-        ("disk", 3, 1.0, "top", False),
-        ("host", 4, 0.05, "top", False),
-        ("direct", 3, 1.0, "top", False),
-        ("disk", 3, 1.0, "every_other", False),  # 2 expert layers
-        ("direct", 4, 1.0, "every", False),  # 4 expert layers
-        ("host", 3, 1.0, "every", False),
-        ("device", 24, 1.0, "every_other", False),
-        ("disk", 3, 1.0, "top", True),  # warmup plus cosine
-        ("host", 3, 1.0, "every_other", True),
+        ("device", 12, 1.0, "top", False, 0),
+        ("host", 12, 1.0, "top", False, 0),
+        ("disk", 12, 1.0, "top", False, 0),
+        ("disk", 3, 1.0, "top", False, 0),
+        ("host", 4, 0.05, "top", False, 0),
+        ("direct", 3, 1.0, "top", False, 0),
+        ("disk", 3, 1.0, "top", False, 4),  # a host tier of 4 records, smaller than the touched set
+        ("direct", 3, 1.0, "top", False, 4),
+        ("disk", 3, 1.0, "every_other", False, 0),  # 2 expert layers
+        ("direct", 4, 1.0, "every", False, 0),  # 4 expert layers
+        ("direct", 3, 1.0, "every_other", False, 4),
+        ("host", 3, 1.0, "every", False, 0),
+        ("device", 24, 1.0, "every_other", False, 0),
+        ("disk", 3, 1.0, "top", True, 0),  # warmup plus cosine
+        ("host", 3, 1.0, "every_other", True, 0),
     ],
 )
-def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip, expert_layers, schedule):
+def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip, expert_layers, schedule, tier_records):
     """Same seed, data, clipping and schedule, 5 steps: every shared parameter and every expert within 1e-5 (a cache
-    of 3 or 4 slots is smaller than the ~10 experts a layer touches per step, so they stream and are evicted), with
-    one expert layer on top of a 1-block trunk or 2 and 4 expert layers in a 4-block one, on every store kind."""
+    of 3 or 4 slots is smaller than the ~10 experts a layer touches per step, so they stream and are evicted; the
+    first pass reads the parameters only), with one expert layer on top of a 1-block trunk or 2 and 4 expert layers
+    in a 4-block one, on every store kind. With a host tier of 4 records (``tier_records``), smaller than the
+    touched set too, records are evicted from it to the file every step."""
     loader = token_loader(5, batch_size=4, block_size=16)
     layers = dict(expert_layers=expert_layers, n_shared_layers=1 if expert_layers == "top" else 4)
     # Adam moves a weight whose gradient is near its eps by lr times that gradient's relative rounding: 4 blocks of
     # residual gradients summed in another order than autograd's left one of 51,840 expert weights 1.1e-5 apart at
     # lr 1e-2 (every_other); at 1e-3 the same rounding is 10x smaller, and a wrong update is still far outside 1e-5
     lr = 1e-2 if expert_layers == "top" else 1e-3
-    ours = exact_model(tmp_path, store, cache, grad_clip=grad_clip, local_lr=lr, lr=lr, **layers)
+    record_bytes = exact_model(tmp_path, "host", cache).layout.record_numel * 4
+    tier = dict(host_tier_bytes=tier_records * record_bytes) if tier_records else {}
+    ours = exact_model(tmp_path, store, cache, grad_clip=grad_clip, local_lr=lr, lr=lr, **layers, **tier)
     reference = GlobalMoE(**{**SHAPE, **layers}, lr=lr, router="flat", grad_clip=grad_clip)
     if schedule:
         ours, reference = with_schedule(ours), with_schedule(reference)
@@ -94,6 +104,9 @@ def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip, expert_layer
     if schedule:  # the schedule took effect: after 5 steps of 5 the shared and the experts' lr are at the floor
         assert ours.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr * 0.1)
         assert ours.layout.optimizer.lr == pytest.approx(lr * WarmupCosine(_sgd(), 2, 5, 0.1).factor(4))
+    if tier_records:
+        stats = ours.store.stats()
+        assert stats["tier_hits"] > 0 and stats["tier_evictions"] > 0 and stats["backing_writes"] > 0
 
 
 @pytest.mark.parametrize("expert_layers", ["top", "every_other"])
@@ -119,6 +132,35 @@ def test_exact_equals_global_moe_under_bf16_mixed(tmp_path, expert_layers):
 
 def _sgd():
     return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+
+
+@pytest.mark.parametrize("store", ["host", "direct"])
+def test_exact_reads_the_parameters_then_the_rest_of_each_record(tmp_path, store):
+    """One step of ``exact`` with Adam and one device slot: the first pass reads each touched expert's parameters
+    (P bytes); the second, in reverse order, finds the last one's parameters still in the slot and reads its state
+    (S bytes: Adam's two moments and the step), and reads every other record whole (P + S). Fails if the first
+    pass reads whole records, or if the second reads a resident expert's parameters again."""
+    model = exact_model(tmp_path, store, 1)
+    record = torch.empty(model.layout.record_numel)
+    for expert_id in range(SHAPE["num_experts"]):  # on the disk: the direct store reads the file, not init_record
+        model.layout.init_record(expert_id, record)
+        model.store.write(expert_id, record)
+    written = model.store.stats()["bytes_written"]
+    cpu_trainer(tmp_path, max_steps=1).fit(model, train_dataloaders=token_loader(1, batch_size=4, block_size=16))
+    layout, touched = model.layout, len(model.usage)
+    params_bytes = 4 * layout.num_params
+    state_bytes = 4 * (layout.record_numel - layout.num_params)
+    assert state_bytes == 4 * (2 * layout.num_params + 1)  # Adam: m, v and the step
+    expected = touched * params_bytes + state_bytes + (touched - 1) * (params_bytes + state_bytes)
+    stats = model.memory_stats()
+    assert touched > 4
+    assert stats["store_bytes_read"] == stats["step_store_bytes_read"] == expected
+    assert stats["store_reads"] == 2 * touched
+    assert stats["step_store_bytes_written"] == stats["store_bytes_written"] - written
+    if store == "direct":  # the file moves whole 4 KiB blocks of the parts asked for
+        blocks = -(-params_bytes // 4096) * 4096, -(-state_bytes // 4096) * 4096
+        file_read = model.store.stats()["file_bytes_read"]
+        assert file_read == touched * blocks[0] + blocks[1] + (touched - 1) * sum(blocks)
 
 
 def test_same_seed_same_initial_weights(tmp_path):
@@ -218,10 +260,21 @@ def test_store_reads_per_touched_expert_with_prefetch(tmp_path, objective, limit
         store="disk",
         store_dir=str(tmp_path / "store"),
     )
-    trainer = cpu_trainer(tmp_path, max_steps=6)
+    per_step = []  # memory_stats()' step_* entries at the end of each step, as MemoryMonitor logs them
+
+    class StepStats(Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            stats = pl_module.memory_stats()
+            per_step.append([stats[f"step_store_{key}"] for key in ("reads", "bytes_read", "bytes_written")])
+
+    trainer = cpu_trainer(tmp_path, max_steps=6, callbacks=[StepStats()])
     trainer.fit(model, train_dataloaders=token_loader(6, batch_size=4, block_size=16))
     touched = sum(model.usage.values())  # Σ over steps of the experts each step touched
     stats = model.memory_stats()
+    assert len(per_step) == 6 and all(reads > 0 for reads, _, _ in per_step)
+    sums = [sum(column) for column in zip(*per_step)]  # the steps' own traffic adds up to the run's
+    assert sums[:2] == [stats["store_reads"], stats["store_bytes_read"]]
+    assert sums[2] <= stats["store_bytes_written"]  # the last dirty experts are written back after the last step
     assert touched >= 6 * 6
     assert (limit - 1) * touched < stats["store_reads"] <= limit * touched
     assert stats["expert_updates"] == touched

@@ -143,8 +143,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_config(corpus: Path, root: Path, run: str, **trainer) -> Path:
-    """A tiny ``pragnosia fit`` config: width 16, one layer, 8 experts on disk, checkpoints every 5 steps."""
+def write_config(corpus: Path, root: Path, run: str, store: str = "disk", **trainer) -> Path:
+    """A tiny ``pragnosia fit`` config: width 16, one layer, 8 experts on disk (``store``: ``disk`` or ``direct``),
+    checkpoints every 5 steps."""
     run_dir = root / run
     trainer_args = dict(
         accelerator="cpu",
@@ -180,7 +181,7 @@ def write_config(corpus: Path, root: Path, run: str, **trainer) -> Path:
                 num_active_experts=2,
                 expert_slots=2,
                 expert_cache=2,
-                store="disk",
+                store=store,
                 store_dir=str(run_dir / "store"),
                 expert_optimizer="adam",
                 lr=3e-3,
@@ -235,12 +236,13 @@ def assert_same_state(a, b) -> None:
 # ------------------------------------------------------------------------------------------------ crash safety
 
 
-def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(corpus, tmp_path, fork_server):
-    straight = write_config(corpus, tmp_path, "straight")
+@pytest.mark.parametrize("store", ["disk", "direct"])
+def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(corpus, tmp_path, fork_server, store):
+    straight = write_config(corpus, tmp_path, "straight", store)
     straight = fork_server.run(["fit", "--config", str(straight)], tmp_path / "straight.log")
     assert straight["code"] == 0, straight["log"][-3000:]
 
-    config = str(write_config(corpus, tmp_path, "crashed"))
+    config = str(write_config(corpus, tmp_path, "crashed", store))
     ckpt_dir = tmp_path / "crashed" / "ckpt"
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
@@ -358,13 +360,17 @@ def pragnosia(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.fixture
-def trained(corpus, tmp_path, capsys):
-    """A finished 10-step run with checkpoints at steps 5 and 10."""
-    config = write_config(corpus, tmp_path, "run", max_steps=10, num_sanity_val_steps=0)
+def train_ten_steps(corpus: Path, tmp_path: Path, capsys, store: str = "disk") -> tuple[Path, Path]:
+    """A finished 10-step run with checkpoints at steps 5 and 10: its config and checkpoint folder."""
+    config = write_config(corpus, tmp_path, "run", store, max_steps=10, num_sanity_val_steps=0)
     code, err = pragnosia(capsys, "fit", "--config", str(config))
     assert code == 0, err[-3000:]
     return config, tmp_path / "run" / "ckpt"
+
+
+@pytest.fixture
+def trained(corpus, tmp_path, capsys):
+    return train_ten_steps(corpus, tmp_path, capsys)
 
 
 def snapshot_of(checkpoint: Path) -> Path:
@@ -424,31 +430,41 @@ def test_truncated_checkpoint_is_reported_and_the_previous_one_resumes(trained, 
     assert torch.load(newest_last(ckpt_dir), weights_only=False)["global_step"] == 15
 
 
-def test_disk_full_during_store_write_back_stops_cleanly_and_the_last_checkpoint_resumes(trained, capsys, monkeypatch):
-    config, ckpt_dir = trained
+@pytest.mark.parametrize(
+    ("store", "code"), [("disk", errno.ENOSPC), ("direct", errno.ENOSPC), ("disk", errno.EIO), ("direct", errno.EIO)]
+)
+def test_disk_full_during_store_write_back_stops_cleanly_and_the_last_checkpoint_resumes(
+    corpus, tmp_path, capsys, monkeypatch, store, code
+):
+    """A full disk (ENOSPC) or a failing one (EIO) in an expert's write-back: one clear error, and the last
+    checkpoint resumes."""
+    config, ckpt_dir = train_ten_steps(corpus, tmp_path, capsys, store)
     real_pwritev = os.pwritev
     calls = []
 
     def pwritev(fd, buffers, offset, *args):
         calls.append(offset)
-        if len(calls) > 6:  # the restore and a few steps' write-backs succeed, then the disk is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if len(calls) > 6:  # the restore and a few steps' write-backs succeed, then the disk fails
+            raise OSError(code, os.strerror(code))
         return real_pwritev(fd, buffers, offset, *args)
 
     monkeypatch.setattr(os, "pwritev", pwritev)
-    code, err = pragnosia(capsys, "fit", "--config", str(config), "--trainer.max_steps", "30", "--ckpt_path", "last")
+    exit_code, err = pragnosia(
+        capsys, "fit", "--config", str(config), "--trainer.max_steps", "30", "--ckpt_path", "last"
+    )
     monkeypatch.undo()
-    assert code == 2 and "Traceback" not in err
-    assert "cannot write its record to" in err and "experts.bin" in err and "No space left on device" in err
-    assert err.split("error: ")[1].startswith("[Errno 28] expert ")
+    assert exit_code == 2 and "Traceback" not in err
+    assert "cannot write its record to" in err and "experts.bin" in err and os.strerror(code) in err
+    assert err.split("error: ")[1].startswith(f"[Errno {code}] expert ")
 
     verify_checkpoint(newest_last(ckpt_dir))
     code, err = pragnosia(capsys, "fit", "--config", str(config), "--trainer.max_steps", "15", "--ckpt_path", "last")
     assert code == 0, err[-3000:]
 
 
-def test_disk_full_during_a_snapshot_keeps_the_last_checkpoint(trained, capsys, monkeypatch):
-    config, ckpt_dir = trained
+@pytest.mark.parametrize("store", ["disk", "direct"])
+def test_disk_full_during_a_snapshot_keeps_the_last_checkpoint(corpus, tmp_path, capsys, monkeypatch, store):
+    config, ckpt_dir = train_ten_steps(corpus, tmp_path, capsys, store)
     before = sorted(p.name for p in ckpt_dir.iterdir())
     last_bytes = (ckpt_dir / "last.ckpt").read_bytes()
 

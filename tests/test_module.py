@@ -183,6 +183,11 @@ def test_evaluation_is_causal(tiny):
         (dict(micro_batch=0), r"model.micro_batch \(0\) must be ≥ 1 or null"),
         (dict(grad_clip=-1.0), r"model.grad_clip \(-1.0\) must be ≥ 0"),
         (dict(store="disk", store_dir="/proc/nope"), r"model.store_dir \(/proc/nope\) cannot be created"),
+        (
+            dict(store="host", host_tier_bytes=2**20),
+            r"model.host_tier_bytes \(1048576\) must be 0 \(none\), or > 0 with",
+        ),
+        (dict(store="disk", host_tier_bytes=-1), r"model.host_tier_bytes \(-1\) must be 0 \(none\)"),
     ],
 )
 def test_bad_configuration_names_the_key(kwargs, message):
@@ -203,7 +208,8 @@ def test_the_shared_adamw_does_not_decay(tiny, model_class):
 
 def test_the_option_list_is_short():
     """Issue 17: at most 20 keys (consolidation is one of them, experts_per_domain); each earned by a user or a
-    measurement. Issue 22 added the placement of the expert layers."""
+    measurement. Issue 25 added host_tier_bytes (the host tier of a store larger than RAM, which its benchmark
+    measures); issue 22 the placement of the expert layers and the vocabulary linked from the data."""
     assert list(inspect.signature(PragnosiaLM).parameters) == [
         "d_model",
         "n_shared_layers",
@@ -225,6 +231,7 @@ def test_the_option_list_is_short():
         "grad_clip",
         "seed",
         "experts_per_domain",
+        "host_tier_bytes",
         "expert_layers",  # issue 22: expert layers in the trunk's blocks
         "vocab_size",  # issue 22: linked from data.vocab_size (a tokenizer), not typed by the user
     ]

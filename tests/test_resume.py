@@ -12,6 +12,9 @@ from pragnosia_pl.checkpoint_io import AtomicCheckpointIO
 
 
 def make(tiny, tmp_path, name, store, **kwargs):
+    store, _, tier = store.partition("+")
+    if tier:  # a tier of 2 records
+        kwargs["host_tier_bytes"] = 2 * 4 * make(tiny, tmp_path, name, "host").layout.record_numel
     return PragnosiaLM(
         **tiny,
         num_experts=6,
@@ -26,9 +29,11 @@ def make(tiny, tmp_path, name, store, **kwargs):
     )
 
 
-@pytest.mark.parametrize("store", ["device", "host", "disk"])
+@pytest.mark.parametrize("store", ["device", "host", "disk", "direct", "direct+tier"])
 @pytest.mark.parametrize("objective", ["local", "exact"])
 def test_resume_is_bit_identical(tiny, tmp_path, store, objective):
+    """Also ``direct`` (O_DIRECT), and ``direct`` behind a host tier of 2 records (dirty records in the tier when
+    the checkpoint is taken: the snapshot must write them back and the restore must forget them)."""
     torch.manual_seed(0)
     straight = make(tiny, tmp_path, "straight", store, objective=objective)
     cpu_trainer(tmp_path / "a", max_epochs=2).fit(straight, train_dataloaders=token_loader(3))

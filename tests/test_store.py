@@ -1,5 +1,16 @@
-"""Expert stores and the device expert cache (DESIGN §4.1, §4.2, §5)."""
+"""Expert stores and the device expert cache (DESIGN §4.1, §4.2, §5).
 
+Issue 25's mutations, each seen failing the test named:
+- ``ExpertCache.invalidate`` dropping queued write-backs unwaited: the invalidate-raises test;
+- a short read retried from the unaligned offset it reached: the aligned-retry test (``direct``: EINVAL);
+- a part read moving the whole record: the part-read test; the state's checksum not checked: the per-part checksum test;
+- the host tier: a snapshot without writing its dirty records back, or plain LRU admission: its budget test; a tier hit
+  copied at once instead of in the disk worker's order: the random-operations test (direct+tier); a restore keeping its
+  rows: the snapshot/restore test (direct+tier); a failed eviction write dropped: its failed-eviction test;
+- a refused tier leaving its disk store open: the too-small-tier test.
+"""
+
+import errno
 import hashlib
 import itertools
 import os
@@ -23,7 +34,7 @@ from pragnosia_pl.store import (
 )
 from pragnosia_pl.store import base as store_module
 
-KINDS = ["device", "host", "disk", "direct"]
+KINDS = ["device", "host", "disk", "direct", "direct+tier"]  # direct+tier: a HostTier of 4 records (+ 2 in flight)
 DISK_KINDS = ["disk", "direct"]
 N, R = 16, 64  # experts, record elements
 
@@ -38,7 +49,15 @@ def make_init(seed: int = 0):
     return init_record
 
 
-def build(kind: str, tmp_path: Path, num_experts: int = N, record_numel: int = R, name: str = "store") -> ExpertStore:
+def build(
+    kind: str,
+    tmp_path: Path,
+    num_experts: int = N,
+    record_numel: int = R,
+    name: str = "store",
+    params_numel: int | None = None,
+) -> ExpertStore:
+    kind, _, tier = kind.partition("+")
     return make_store(
         kind,
         num_experts=num_experts,
@@ -46,6 +65,8 @@ def build(kind: str, tmp_path: Path, num_experts: int = N, record_numel: int = R
         init_record=make_init(),
         device="cpu",
         directory=tmp_path / name,
+        params_numel=params_numel,
+        host_tier_bytes=6 * record_numel * 4 if tier else 0,
     )
 
 
@@ -535,19 +556,26 @@ def test_dirty_experts_are_written_back_on_eviction_and_flush(kind, tmp_path):
 
 
 def run_random_operations(store: ExpertStore, device: str, steps: int = 300, capacity: int = 3) -> None:
-    """Random load / modify / prefetch / flush against a reference model of what each expert holds."""
+    """Random load / modify / prefetch / flush, whole or of the parameters only, against a reference model of what
+    each expert holds."""
     rng = random.Random(0)
     cache = ExpertCache(store, capacity, device)
     slots_ptr = cache.slots.data_ptr()
     latest = {e: initial(e, store.record_numel) for e in range(store.num_experts)}  # the expert's true record
     modified: set[int] = set()
     current = None
+    P = store.params_numel
     for step in range(steps):
-        action = rng.choice(["load", "load", "modify", "prefetch", "prefetch", "flush"])
+        action = rng.choice(["load", "load", "params", "modify", "prefetch", "prefetch", "prefetch params", "flush"])
         expert_id = rng.randrange(store.num_experts)
         if action == "load":
             current = expert_id
             assert same_bits(cache.load(expert_id), latest[expert_id]), (step, expert_id)
+        elif action == "params":
+            current = expert_id
+            assert same_bits(cache.load(expert_id, params_only=True)[:P], latest[expert_id][:P]), (step, expert_id)
+        elif action == "prefetch params":
+            cache.prefetch(expert_id, params_only=True)
         elif action == "modify" and current is not None:
             slot = cache.load(current)
             slot.add_(torch.randn(store.record_numel, generator=torch.Generator().manual_seed(step)).to(device))
@@ -571,11 +599,178 @@ def run_random_operations(store: ExpertStore, device: str, steps: int = 300, cap
             assert not store.materialized(e)
     stats = cache.stats()
     assert stats["writebacks"] >= len(modified) and stats["evictions"] > 0 and stats["hits"] > 0
+    if P < store.record_numel:
+        assert stats["state_loads"] > 0  # a resident's parameters completed by its state
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cache_keeps_the_store_exact_under_random_operations(kind, tmp_path):
-    run_random_operations(build(kind, tmp_path, num_experts=12, record_numel=32), "cpu")
+    run_random_operations(build(kind, tmp_path, num_experts=12, record_numel=32, params_numel=11), "cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_part_read_moves_that_part_only(kind, tmp_path):
+    """Parameters and state read alone land at their places, the rest of the buffer untouched; the store counts the
+    part's bytes, and the direct store's file reads whole 4 KiB blocks of that part only."""
+    record_numel, params_numel = 3000, 1100  # 4,400 bytes of parameters, 7,600 of state: neither block-aligned
+    store = build(kind, tmp_path, record_numel=record_numel, params_numel=params_numel)
+    full = torch.randn(record_numel)
+    store.write(4, full)
+    store.synchronize()
+    before = store.stats()
+    out = torch.full((record_numel,), float("nan"))
+    store.read(4, out, "params")
+    assert same_bits(out[:params_numel], full[:params_numel]) and out[params_numel:].isnan().all()
+    out = torch.full((record_numel,), float("nan"))
+    store.read(4, out, "state")
+    assert same_bits(out[params_numel:], full[params_numel:]) and out[:params_numel].isnan().all()
+    store.synchronize()
+    after = store.stats()
+    assert after["bytes_read"] - before["bytes_read"] == record_numel * 4
+    if kind == "direct":
+        blocks = (-(-params_numel * 4 // 4096) + -(-(record_numel - params_numel) * 4 // 4096)) * 4096
+        assert after["file_bytes_read"] - before["file_bytes_read"] == blocks == 16384
+    with pytest.raises(ValueError, match=r"part \('optimizer'\) must be one of: record, params, state"):
+        store.read(4, out, "optimizer")
+
+
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_each_part_has_its_own_checksum(kind, tmp_path):
+    record_numel, params_numel = 3000, 1100
+    store = build(kind, tmp_path, record_numel=record_numel, params_numel=params_numel)
+    full = torch.randn(record_numel)
+    store.write(2, full)
+    flip_byte(store.path, 2 * store.stride + store.state_offset + 8)  # inside the state
+    out = torch.empty(record_numel)
+    store.read(2, out, "params")  # its own checksum holds
+    assert same_bits(out[:params_numel], full[:params_numel])
+    with pytest.raises(CorruptRecordError, match=r"expert 2: checksum mismatch .* \(its optimizer state: expected"):
+        store.read(2, out, "state")
+    with pytest.raises(CorruptRecordError, match=r"expert 2: checksum mismatch .* \(its optimizer state"):
+        store.read(2, out)
+    store.write(2, full)
+    flip_byte(store.path, 2 * store.stride + 8)  # inside the parameters
+    with pytest.raises(CorruptRecordError, match=r"expert 2: checksum mismatch .* \(its parameters: expected"):
+        store.read(2, out, "params")
+    store.read(2, out, "state")
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux-only")
+@pytest.mark.parametrize("kind", DISK_KINDS)
+@pytest.mark.parametrize("part", ["record", "params", "state"])
+def test_a_short_read_is_retried_from_an_aligned_offset(kind, part, tmp_path, monkeypatch):
+    """The first read of a record returns 5,000 bytes, mid-block: the retry must read on (``direct``: from the
+    block boundary at 4,096, with a 4 KiB-aligned length and buffer, or O_DIRECT fails with EINVAL)."""
+    record_numel, params_numel = 6000, 2200  # 8,800 bytes of parameters: a part of three blocks
+    store = build(kind, tmp_path, record_numel=record_numel, params_numel=params_numel)
+    full = torch.randn(record_numel)
+    store.write(3, full)
+    store.synchronize()
+    real_preadv, calls = os.preadv, []
+
+    def short_once(fd, buffers, offset, *args):
+        calls.append((offset, len(buffers[0])))
+        if len(calls) == 1:
+            real_preadv(fd, [buffers[0][:8192]], offset, *args)
+            return 5000  # as if the rest had not arrived yet
+        return real_preadv(fd, buffers, offset, *args)
+
+    monkeypatch.setattr(os, "preadv", short_once)
+    out = torch.empty(record_numel)
+    store.read(3, out, part)
+    monkeypatch.undo()
+    first, end = store.part_bounds[part]
+    assert same_bits(out[first:end], full[first:end])
+    assert len(calls) == 2
+    (offset, length), (retry_offset, retry_length) = calls
+    if kind == "direct":
+        assert retry_offset == offset + 4096 and retry_length == length - 4096
+        assert retry_offset % 4096 == 0 and retry_length % 4096 == 0
+    else:
+        assert retry_offset == offset + 5000 and retry_length == length - 5000
+
+
+def eio(fd, buffers, offset, *args):
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_cache_invalidate_raises_a_write_back_that_failed(kind, tmp_path, monkeypatch):
+    """A write-back queued before a restore and failed on the store's worker is raised by ``invalidate()``, not
+    dropped with its handle."""
+    store = build(kind, tmp_path)
+    cache = ExpertCache(store, 1, "cpu")
+    cache.load(0).copy_(record(5.0))
+    cache.mark_dirty(0)
+    monkeypatch.setattr(os, "pwritev", eio)
+    cache.load(1)  # evicts 0: its write-back is queued, and fails, before the read of 1 (the worker's order)
+    monkeypatch.undo()
+    with pytest.raises(OSError, match=r"expert 0: cannot write its record to .*experts\.bin.*Input/output error"):
+        cache.invalidate()
+    assert cache.resident_ids() == [] and cache.dirty_ids() == []
+    cache.invalidate()  # raised once: nothing is left pending
+    assert same_bits(cache.load(0), initial(0))  # the failed write never counted
+
+
+def test_host_tier_keeps_the_most_written_records_within_its_budget_and_writes_them_back(tmp_path):
+    """A tier of 6 records: the first 6 written enter; a record written no more often than every one in the tier goes
+    to the file; one written more often evicts the least often written (then least recently used), which is written
+    to the file; a snapshot writes every dirty record to the file first."""
+    store = build("direct+tier", tmp_path)
+    backing = store.backing
+    for expert_id in range(8):
+        store.write(expert_id, record(expert_id))
+    stats = store.stats()
+    assert stats["tier_records"] == 6 and stats["tier_bytes_allocated"] == 6 * store.record_bytes <= 6 * R * 4
+    assert stats["tier_write_arounds"] == 2 and stats["tier_evictions"] == 0
+    assert backing.materialized_ids() == [6, 7] and same_bits(read(backing, 7), record(7))
+    store.write(3, record(30.0))  # in the tier: stays there, dirty
+    store.write(7, record(70.0))  # written twice, more than 0 (the least recent of those written once): 0 leaves
+    assert backing.materialized_ids() == [0, 6, 7] and same_bits(read(backing, 0), record(0))
+    assert store.stats()["tier_evictions"] == 1
+    before = backing.stats()["reads"]
+    expected = {1: record(1), 2: record(2), 3: record(30.0), 4: record(4), 5: record(5), 7: record(70.0)}
+    assert all(same_bits(read(store, e), value) for e, value in expected.items())  # hits: the file is not read
+    assert backing.stats()["reads"] == before and store.stats()["tier_hits"] == 6
+    assert same_bits(read(store, 0), record(0)) and backing.stats()["reads"] == before + 1  # a miss
+    assert not same_bits(read(backing, 3), record(30.0))  # dirty in the tier only
+    store.snapshot(tmp_path / "snapshot")
+    assert store.stats()["tier_dirty"] == 0 and backing.materialized_ids() == list(range(8))
+    assert all(same_bits(read(backing, e), value) for e, value in expected.items())  # the file holds them now
+
+
+def test_a_host_tier_smaller_than_a_record_is_refused_and_its_disk_store_closed(tmp_path, monkeypatch):
+    closed, close = [], DiskStore.close
+    monkeypatch.setattr(DiskStore, "close", lambda store: closed.append(store.path) or close(store))
+    with pytest.raises(ValueError, match=r"model.host_tier_bytes \(100\) must hold at least one record \(256 bytes\)"):
+        make_store(
+            "direct", num_experts=N, record_numel=R, init_record=make_init(), directory=tmp_path, host_tier_bytes=100
+        )
+    assert closed == [tmp_path / "experts.bin"]  # not left open, its file locked, until garbage collection
+    with pytest.raises(
+        ValueError, match=r"model.host_tier_bytes \(4096\) needs model.store disk or direct, not 'host'"
+    ):
+        make_store("host", num_experts=N, record_numel=R, init_record=make_init(), host_tier_bytes=4096)
+
+
+def test_host_tier_raises_a_failed_eviction_before_a_snapshot_or_restore(tmp_path, monkeypatch):
+    store = build("direct+tier", tmp_path)  # 6 records
+    for expert_id in range(6):
+        store.write(expert_id, record(expert_id))
+    store.snapshot(tmp_path / "snapshot")
+    for expert_id in range(6):
+        store.write_async(expert_id, record(-expert_id))  # dirty again, written twice, 0 the least recently used
+    for _ in range(2):
+        store.write_async(6, record(6.0)).wait()  # written as often as those in the tier: to the file directly
+    monkeypatch.setattr(os, "pwritev", eio)
+    store.write_async(6, record(6.0))  # more often now: evicts 0, whose write fails on the worker
+    store.backing.synchronize()
+    monkeypatch.undo()
+    with pytest.raises(OSError, match=r"expert 0: cannot write its record"):
+        store.restore(tmp_path / "snapshot")
+    store.restore(tmp_path / "snapshot")  # raised once; now restored
+    assert [same_bits(read(store, e), record(e)) for e in range(6)] == [True] * 6
+    assert same_bits(read(store, 6), initial(6)) and store.materialized_ids() == list(range(6))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -25,10 +25,19 @@ from pathlib import Path
 
 import torch
 
-from pragnosia_pl.store.base import STORE_KINDS, CorruptRecordError, ExpertStore, Pending, RecordInit
+from pragnosia_pl.store.base import (
+    RECORD_PARTS,
+    STORE_KINDS,
+    CorruptRecordError,
+    ExpertStore,
+    Pending,
+    RecordInit,
+    RecordPart,
+)
 from pragnosia_pl.store.disk import DiskStore
 from pragnosia_pl.store.files import fsync_dir, remove_stale_live_directories
 from pragnosia_pl.store.memory import DeviceStore, HostStore
+from pragnosia_pl.store.tier import HostTier
 
 __all__ = [
     "STORE_KINDS",
@@ -37,8 +46,11 @@ __all__ = [
     "DiskStore",
     "ExpertStore",
     "HostStore",
+    "HostTier",
     "Pending",
+    "RECORD_PARTS",
     "RecordInit",
+    "RecordPart",
     "fsync_dir",
     "make_store",
     "remove_stale_live_directories",
@@ -53,6 +65,8 @@ def make_store(
     init_record: RecordInit,
     device: torch.device | str = "cpu",
     directory: str | Path | None = None,
+    params_numel: int | None = None,
+    host_tier_bytes: int = 0,
 ) -> ExpertStore:
     """Builds the store named by ``model.store``.
 
@@ -63,19 +77,42 @@ def make_store(
         init_record: fills an expert's initial record.
         device: the compute device; the device store lives there, the host store is pinned when it is CUDA.
         directory: where the disk store puts its record file (``experts.bin``).
+        params_numel: elements of a record's leading part, its parameters (read alone by a pass that only runs the
+            experts); ``None``: the whole record.
+        host_tier_bytes: ``disk`` and ``direct``: a :class:`HostTier` of this many bytes in front of the file
+            (``model.host_tier_bytes``); 0: none.
 
     Raises:
-        ValueError: unknown ``kind``, or a disk store without a ``directory``.
+        ValueError: unknown ``kind``, a disk store without a ``directory``, or a host tier for another kind.
     """
     device = torch.device(device)
+    if host_tier_bytes and kind not in ("disk", "direct"):
+        raise ValueError(
+            f"model.host_tier_bytes ({host_tier_bytes}) needs model.store disk or direct, not {kind!r}: "
+            "the host and device stores hold every record in memory already"
+        )
     if kind == "device":
-        return DeviceStore(num_experts, record_numel, init_record, device=device)
+        return DeviceStore(num_experts, record_numel, init_record, device=device, params_numel=params_numel)
     if kind == "host":
-        return HostStore(num_experts, record_numel, init_record, pin_memory=device.type == "cuda")
+        return HostStore(
+            num_experts, record_numel, init_record, pin_memory=device.type == "cuda", params_numel=params_numel
+        )
     if kind in ("disk", "direct"):
         if directory is None:
             raise ValueError(f"model.store_dir must be set when model.store is {kind!r}")
-        return DiskStore(
-            Path(directory) / "experts.bin", num_experts, record_numel, init_record, direct=kind == "direct"
+        store = DiskStore(
+            Path(directory) / "experts.bin",
+            num_experts,
+            record_numel,
+            init_record,
+            direct=kind == "direct",
+            params_numel=params_numel,
         )
+        if not host_tier_bytes:
+            return store
+        try:
+            return HostTier(store, host_tier_bytes)
+        except BaseException:
+            store.close()
+            raise
     raise ValueError(f"model.store ({kind!r}) must be one of: {', '.join(STORE_KINDS)}")

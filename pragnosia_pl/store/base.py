@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,12 @@ RecordInit = Callable[[int, torch.Tensor], None]
 """``init_record(expert_id, out)`` fills the zeroed CPU float32 vector ``out`` (``record_numel``
 elements) with the expert's initial record, deterministically from ``(seed, expert_id)``."""
 
+RecordPart = Literal["record", "params", "state"]
+"""What a read moves: the whole ``record``, its leading ``params`` (``params_numel`` elements) or the ``state``
+after them (optimizer state and step)."""
+
 STORE_KINDS = ("device", "host", "disk", "direct")
+RECORD_PARTS = ("record", "params", "state")
 SNAPSHOT_FORMAT = "pragnosia-expert-store"
 SNAPSHOT_VERSION = 1
 # Snapshot and restore stream records through a buffer of at most this size (one record if records are larger).
@@ -87,6 +92,10 @@ class Pending:
 class ExpertStore(ABC):
     """Fixed-size float32 records of ``num_experts`` experts, lazily initialised.
 
+    A record is two parts: its first ``params_numel`` elements (an expert's parameters) and the rest (its
+    optimizer state): a read may move either part alone (:data:`RecordPart`), so a pass that only runs the
+    expert reads its parameters only. Writes always move the whole record.
+
     Subclasses implement ``_read``/``_write`` (synchronous, arguments already validated) and
     ``_clear``; they may override ``_read_async``/``_write_async`` to overlap transfers with compute.
 
@@ -94,9 +103,10 @@ class ExpertStore(ABC):
         num_experts: number of records (n ≥ 1).
         record_numel: float32 elements per record (R ≥ 1).
         init_record: fills the initial record of an expert that was never written (see :data:`RecordInit`).
+        params_numel: elements of the leading part (1 ≤ P ≤ R); ``None``: the whole record (no state part).
 
     Raises:
-        ValueError: ``num_experts`` or ``record_numel`` below 1.
+        ValueError: ``num_experts`` or ``record_numel`` below 1, ``params_numel`` outside [1, R].
 
     Example::
 
@@ -110,15 +120,25 @@ class ExpertStore(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, num_experts: int, record_numel: int, init_record: RecordInit) -> None:
+    def __init__(
+        self, num_experts: int, record_numel: int, init_record: RecordInit, params_numel: int | None = None
+    ) -> None:
         for name, value in (("num_experts", num_experts), ("record_numel", record_numel)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} ({value!r}) must be an integer ≥ 1")
         if not callable(init_record):
             raise ValueError(f"init_record must be callable, got {type(init_record).__name__}")
+        params_numel = record_numel if params_numel is None else params_numel
+        if isinstance(params_numel, bool) or not isinstance(params_numel, int) or not 1 <= params_numel <= record_numel:
+            raise ValueError(f"params_numel ({params_numel!r}) must be an integer in [1, record_numel={record_numel}]")
         self.num_experts = num_experts
         self.record_numel = record_numel
         self.record_bytes = record_numel * 4
+        self.params_numel = params_numel
+        # (first, end) element of each part of a record
+        self.part_bounds: dict[str, tuple[int, int]] = dict(
+            record=(0, record_numel), params=(0, params_numel), state=(params_numel, record_numel)
+        )
         self.init_record = init_record
         self._written: set[int] = set()  # materialized ids as issued (async writes count at issue time)
         self._counters = dict(reads=0, writes=0, bytes_read=0, bytes_written=0, lazy_reads=0)
@@ -126,15 +146,17 @@ class ExpertStore(ABC):
 
     # ---------------------------------------------------------------- public API
 
-    def read(self, expert_id: int, into: torch.Tensor) -> None:
-        """Copies the record of ``expert_id`` into ``into`` (contiguous 1-D float32, CPU or CUDA).
+    def read(self, expert_id: int, into: torch.Tensor, part: RecordPart = "record") -> None:
+        """Copies the record of ``expert_id`` into ``into`` (contiguous 1-D float32 of ``record_numel``, CPU or
+        CUDA); with ``part`` only that part of it, at its place in ``into`` (the rest of ``into`` keeps what it held
+        or, for an unmaterialized expert, may take the rest of its initial record).
 
         An unmaterialized expert yields its initial record and stays unmaterialized.
         """
         expert_id = self._check_id(expert_id)
         into = self._prepare(into, "into")
-        self._count_read(expert_id)
-        self._read(expert_id, into)
+        self._count_read(expert_id, self._check_part(part))
+        self._read(expert_id, into, part)
 
     def write(self, expert_id: int, src: torch.Tensor) -> None:
         """Stores ``src`` as the record of ``expert_id``, which becomes materialized."""
@@ -143,12 +165,13 @@ class ExpertStore(ABC):
         self._write(expert_id, src)
         self._count_write(expert_id)
 
-    def read_async(self, expert_id: int, into: torch.Tensor) -> Pending:
-        """Starts :meth:`read`; ``into`` holds the record once the returned handle's ``wait()`` returns."""
+    def read_async(self, expert_id: int, into: torch.Tensor, part: RecordPart = "record") -> Pending:
+        """Starts :meth:`read`; ``into`` holds the record (``part``) once the returned handle's ``wait()``
+        returns."""
         expert_id = self._check_id(expert_id)
         into = self._prepare(into, "into")
-        self._count_read(expert_id)
-        return self._read_async(expert_id, into)
+        self._count_read(expert_id, self._check_part(part))
+        return self._read_async(expert_id, into, part)
 
     def write_async(self, expert_id: int, src: torch.Tensor) -> Pending:
         """Starts :meth:`write`; the caller must not modify ``src`` until the handle's ``wait()`` returns."""
@@ -169,8 +192,8 @@ class ExpertStore(ABC):
         return sorted(self._written)
 
     def stats(self) -> dict[str, float]:
-        """Cumulative traffic (``reads``, ``writes``, ``bytes_read``, ``bytes_written``, ``lazy_reads``)
-        and the current number of ``materialized`` experts."""
+        """Cumulative traffic (``reads``, ``writes``, ``bytes_read``, ``bytes_written``, ``lazy_reads``; a part read
+        counts as a read of that part's bytes) and the current number of ``materialized`` experts."""
         stats = {key: float(value) for key, value in self._counters.items()}
         stats["materialized"] = float(len(self._written))
         return stats
@@ -225,7 +248,7 @@ class ExpertStore(ABC):
                 for start in range(0, len(ids), rows):
                     chunk = ids[start : start + rows]
                     for row, expert_id in enumerate(chunk):
-                        self._read(expert_id, buffer[row])
+                        self._read(expert_id, buffer[row], "record")
                         crcs[start + row] = zlib.crc32(_byte_view(buffer[row]))
                     file.write(_byte_view(buffer[: len(chunk)]))
                 _fsync_file(file)
@@ -360,8 +383,8 @@ class ExpertStore(ABC):
     # ---------------------------------------------------------------- for subclasses
 
     @abstractmethod
-    def _read(self, expert_id: int, into: torch.Tensor) -> None:
-        """Synchronous read into a validated buffer; serves the initial record when unmaterialized."""
+    def _read(self, expert_id: int, into: torch.Tensor, part: RecordPart) -> None:
+        """Synchronous read of ``part`` into a validated buffer; serves the initial record when unmaterialized."""
 
     @abstractmethod
     def _write(self, expert_id: int, src: torch.Tensor) -> None:
@@ -371,8 +394,8 @@ class ExpertStore(ABC):
     def _clear(self) -> None:
         """Forgets every record: all experts become unmaterialized (``_written`` still lists the old ones)."""
 
-    def _read_async(self, expert_id: int, into: torch.Tensor) -> Pending:
-        self._read(expert_id, into)
+    def _read_async(self, expert_id: int, into: torch.Tensor, part: RecordPart) -> Pending:
+        self._read(expert_id, into, part)
         return Pending()
 
     def _write_async(self, expert_id: int, src: torch.Tensor) -> Pending:
@@ -416,9 +439,19 @@ class ExpertStore(ABC):
             raise ValueError(f"{name} must be on the CPU or a CUDA device, got {buffer.device}")
         return buffer.detach()
 
-    def _count_read(self, expert_id: int) -> None:
+    def _check_part(self, part: str) -> str:
+        if part not in self.part_bounds:
+            raise ValueError(f"part ({part!r}) must be one of: {', '.join(RECORD_PARTS)}")
+        return part
+
+    def part_bytes(self, part: RecordPart) -> int:
+        """Bytes of ``part`` of one record."""
+        first, end = self.part_bounds[part]
+        return (end - first) * 4
+
+    def _count_read(self, expert_id: int, part: str = "record") -> None:
         self._counters["reads"] += 1
-        self._counters["bytes_read"] += self.record_bytes
+        self._counters["bytes_read"] += self.part_bytes(part)
         if expert_id not in self._written:
             self._counters["lazy_reads"] += 1
 

@@ -7,6 +7,7 @@ import mmap
 import os
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 import xxhash
 
 from pragnosia_pl.faults import crash_point
-from pragnosia_pl.store.base import CorruptRecordError, ExpertStore, Pending, RecordInit
+from pragnosia_pl.store.base import CorruptRecordError, ExpertStore, Pending, RecordInit, RecordPart
 from pragnosia_pl.store.files import _byte_view, _fdatasync, _lock_exclusively, _pread_full, _pwrite_full
 
 # O_DIRECT transfers must start at, and span, multiples of the logical block size (512 B or 4 KiB): records are
@@ -28,16 +29,18 @@ class DiskStore(ExpertStore):
     The file is created sparse with ``ftruncate`` (n = 10⁶ costs no time, memory or disk until experts
     are written) and its previous contents are discarded: it is scratch space, persistence is
     :meth:`snapshot`. Reads and writes are ``os.preadv``/``os.pwritev`` straight into and out of the
-    tensor's memory (CUDA tensors go through one reused pinned staging buffer). Every record carries an
-    xxh3-64 checksum (13× faster than CRC32 on the hot path; snapshots keep CRC32), kept in memory for
-    materialized experts only and verified on every read. All I/O runs on
+    tensor's memory (CUDA tensors go through one reused pinned staging buffer). Each part of a record (its
+    parameters, its optimizer state: see :class:`ExpertStore`) carries an xxh3-64 checksum of its own (13× faster
+    than CRC32 on the hot path; snapshots keep CRC32), kept in memory for materialized experts only and verified on
+    every read of that part, so a part can be read alone. All I/O runs on
     one worker thread, in issue order; it releases the GIL, so ``read_async``/``write_async`` overlap
     with compute.
 
     With ``direct=True`` (``model.store: direct``) the file is opened with ``O_DIRECT``: every read comes from the
     disk and no record enters the page cache, so a store larger than RAM neither thrashes the cache nor pushes
-    other processes' pages out. Records then start at multiples of 4 KiB and pass through one page-aligned buffer
-    (one extra copy of the record). The time the worker spends in the read and write system calls is counted
+    other processes' pages out. Both parts of a record then start at multiples of 4 KiB (a part is read alone in
+    whole blocks) and pass through one page-aligned buffer (one extra copy); a short read is retried from a block
+    boundary. The time the worker spends in the read and write system calls is counted
     (``read_seconds``, ``write_seconds`` in :meth:`stats`), and so are the bytes it read from the file
     (``file_bytes_read``: reads of materialized experts).
 
@@ -49,6 +52,7 @@ class DiskStore(ExpertStore):
         init_record: fills an expert's initial record (see :data:`RecordInit`).
         fsync: ``fdatasync`` after every write (durable, slower); snapshots are always fsynced.
         direct: read and write with ``O_DIRECT`` (bypass the page cache).
+        params_numel: elements of a record's leading part (its parameters); ``None``: the whole record.
 
     Raises:
         ValueError: ``num_experts`` or ``record_numel`` below 1; ``direct`` on a file system without ``O_DIRECT``
@@ -74,13 +78,16 @@ class DiskStore(ExpertStore):
         init_record: RecordInit,
         fsync: bool = False,
         direct: bool = False,
+        params_numel: int | None = None,
     ) -> None:
-        super().__init__(num_experts, record_numel, init_record)
+        super().__init__(num_experts, record_numel, init_record, params_numel)
         self.path = Path(path)
         self.fsync = fsync
         self.direct = direct
-        # bytes from one record's start to the next: records are DIRECT_ALIGN-aligned for O_DIRECT
-        self.stride = -(-self.record_bytes // DIRECT_ALIGN) * DIRECT_ALIGN if direct else self.record_bytes
+        self.align = DIRECT_ALIGN if direct else 1
+        # a record in the file: [params | padding | state | padding], each part starting at a multiple of `align`
+        self.state_offset = _round_up(self.part_bytes("params"), self.align)
+        self.stride = self.state_offset + _round_up(self.part_bytes("state"), self.align)  # one record to the next
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = _open_records(self.path, direct)
         try:
@@ -93,7 +100,7 @@ class DiskStore(ExpertStore):
         # direct I/O moves records through this page-aligned buffer (anonymous mmaps are page-aligned)
         self._aligned = mmap.mmap(-1, self.stride) if direct else None
         self._io = dict(read_seconds=0.0, write_seconds=0.0, file_bytes_read=0)  # worker thread only
-        self._crc: dict[int, int] = {}  # materialized expert id -> xxh3-64 of its record; worker thread only
+        self._crc: dict[int, tuple[int, int]] = {}  # materialized id -> xxh3-64 of (params, state); worker only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pragnosia-disk-store")
         self._release = weakref.finalize(self, _release_disk_store, self._worker, self._fd)
         self._staging: torch.Tensor | None = None  # pinned; CUDA buffers pass through it
@@ -112,6 +119,12 @@ class DiskStore(ExpertStore):
         if not self._closed:
             self._worker.submit(_noop).result()
 
+    def submit(self, operation: Callable[..., None], *args: object) -> Pending:
+        """Runs ``operation(*args)`` on the store's worker, after every operation issued before it: a store layered
+        on this one (:class:`~pragnosia_pl.store.HostTier`) keeps the order in which its operations were issued."""
+        self._check_open()
+        return Pending(future=self._worker.submit(operation, *args))
+
     def close(self) -> None:
         if self._closed:
             return
@@ -124,14 +137,14 @@ class DiskStore(ExpertStore):
             f"direct={self.direct}, materialized={len(self._written)})"
         )
 
-    def _read(self, expert_id: int, into: torch.Tensor) -> None:
-        self._read_async(expert_id, into).wait()
+    def _read(self, expert_id: int, into: torch.Tensor, part: RecordPart) -> None:
+        self._read_async(expert_id, into, part).wait()
 
     def _write(self, expert_id: int, src: torch.Tensor) -> None:
         self._write_async(expert_id, src).wait()
 
-    def _read_async(self, expert_id: int, into: torch.Tensor) -> Pending:
-        return Pending(future=self._worker.submit(self._read_now, expert_id, into, _ready_event(into)))
+    def _read_async(self, expert_id: int, into: torch.Tensor, part: RecordPart) -> Pending:
+        return Pending(future=self._worker.submit(self._read_now, expert_id, into, part, _ready_event(into)))
 
     def _write_async(self, expert_id: int, src: torch.Tensor) -> Pending:
         return Pending(future=self._worker.submit(self._write_now, expert_id, src, _ready_event(src)))
@@ -141,16 +154,19 @@ class DiskStore(ExpertStore):
 
     # The methods below run on the worker thread only.
 
-    def _read_now(self, expert_id: int, into: torch.Tensor, ready: torch.cuda.Event | None) -> None:
+    def _read_now(self, expert_id: int, into: torch.Tensor, part: RecordPart, ready: torch.cuda.Event | None) -> None:
         if not into.is_cuda:
-            self._read_cpu(expert_id, into)
+            self._read_cpu(expert_id, into, part)
             return
         staging = self._staging_buffer()
-        self._read_cpu(expert_id, staging)
+        if expert_id not in self._crc:
+            part = "record"  # an unmaterialized expert: all of `into` gets its initial record
+        self._read_cpu(expert_id, staging, part)
+        first, end = self.part_bounds[part]
         stream = self._stream(into.device)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            into.copy_(staging, non_blocking=True)
+            into[first:end].copy_(staging[first:end], non_blocking=True)
         into.record_stream(stream)
         stream.synchronize()
 
@@ -167,46 +183,64 @@ class DiskStore(ExpertStore):
         stream.synchronize()
         self._write_cpu(expert_id, staging)
 
-    def _read_cpu(self, expert_id: int, out: torch.Tensor) -> None:
+    def _read_cpu(self, expert_id: int, out: torch.Tensor, part: RecordPart) -> None:
         expected = self._crc.get(expert_id)
         if expected is None:
             self._initial_record(expert_id, out)
             return
         view = _byte_view(out)
-        offset = expert_id * self.stride
+        params_bytes = self.part_bytes("params")
+        # (index of the checksum, first byte in the record, end byte, where the part starts in the file record)
+        pieces = [(0, 0, params_bytes, 0), (1, params_bytes, len(view), self.state_offset)]
+        pieces = [piece for piece in pieces if part == "record" or RECORD_PIECE[part] == piece[0]]
+        base = expert_id * self.stride
+        span_start = pieces[0][3]
+        span_end = pieces[-1][3] + pieces[-1][2] - pieces[-1][1]
+        if self._aligned is None:  # the file record is the record: read straight into it
+            target = view[pieces[0][1] : pieces[-1][2]]
+        else:
+            span_end = _round_up(span_end, self.align)
+            target = memoryview(self._aligned)[: span_end - span_start]
+        offset = base + span_start
         start = time.perf_counter()
-        got = _pread_full(self._fd, view if self._aligned is None else memoryview(self._aligned), offset)
+        got = _pread_full(self._fd, target, offset, self.align)
         self._io["read_seconds"] += time.perf_counter() - start  # the system call only, not the copy below
-        if self._aligned is not None:
-            got = min(got, len(view))
-            view[:] = memoryview(self._aligned)[: len(view)]
         self._io["file_bytes_read"] += got
-        if got != len(view):
+        needed = pieces[-1][3] + pieces[-1][2] - pieces[-1][1] - span_start
+        if got < needed:
             raise CorruptRecordError(
-                f"expert {expert_id}: {self.path} is truncated: read {got} of {len(view)} bytes of its record "
+                f"expert {expert_id}: {self.path} is truncated: read {got} of {needed} bytes of its record "
                 f"at byte offset {offset}",
                 expert_id=expert_id,
                 path=self.path,
             )
-        actual = xxhash.xxh3_64_intdigest(view)
-        if actual != expected:
-            raise CorruptRecordError(
-                f"expert {expert_id}: checksum mismatch in {self.path} at byte offset {offset} "
-                f"(expected xxh3 {expected:#018x}, got {actual:#018x})",
-                expert_id=expert_id,
-                path=self.path,
-            )
+        for checksum, first, end, in_file in pieces:
+            if self._aligned is not None:
+                view[first:end] = target[in_file - span_start : in_file - span_start + end - first]
+            actual = xxhash.xxh3_64_intdigest(view[first:end])
+            if actual != expected[checksum]:
+                raise CorruptRecordError(
+                    f"expert {expert_id}: checksum mismatch in {self.path} at byte offset {base + in_file} "
+                    f"(its {('parameters', 'optimizer state')[checksum]}: expected xxh3 {expected[checksum]:#018x}, "
+                    f"got {actual:#018x})",
+                    expert_id=expert_id,
+                    path=self.path,
+                )
 
     def _write_cpu(self, expert_id: int, src: torch.Tensor) -> None:
         view = _byte_view(src)
-        crc = xxhash.xxh3_64_intdigest(view)  # 13x faster than zlib's CRC32 on a 1.6 MB record (0.04 vs 0.46 ms)
+        params_bytes = self.part_bytes("params")
+        # xxh3: 13x faster than zlib's CRC32 on a 1.6 MB record (0.04 vs 0.46 ms)
+        crc = (xxhash.xxh3_64_intdigest(view[:params_bytes]), xxhash.xxh3_64_intdigest(view[params_bytes:]))
         offset = expert_id * self.stride
         if self._aligned is not None:
-            memoryview(self._aligned)[: len(view)] = view  # the padding after it stays zero
-            view = memoryview(self._aligned)
+            aligned = memoryview(self._aligned)
+            aligned[:params_bytes] = view[:params_bytes]  # the padding after each part stays zero
+            aligned[self.state_offset : self.state_offset + len(view) - params_bytes] = view[params_bytes:]
+            view = aligned
         try:
             start = time.perf_counter()  # the system calls only, not the copy above
-            _pwrite_full(self._fd, view, offset)
+            _pwrite_full(self._fd, view, offset, self.align)
             if self.fsync:
                 _fdatasync(self._fd)
             self._io["write_seconds"] += time.perf_counter() - start
@@ -235,6 +269,13 @@ class DiskStore(ExpertStore):
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
         return stream
+
+
+RECORD_PIECE = {"params": 0, "state": 1}  # which checksum covers a part read alone
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 def _open_records(path: Path, direct: bool) -> int:

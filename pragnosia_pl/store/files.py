@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -21,8 +22,12 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().numpy()).cast("B")
 
 
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
-    """Reads ``len(view)`` bytes at ``offset`` (looping over short reads); returns the count read (short at EOF)."""
+def _pread_full(fd: int, view: memoryview, offset: int, align: int = 1) -> int:
+    """Reads ``len(view)`` bytes at ``offset`` (looping over short reads); returns the count read (short at EOF).
+
+    With ``align`` (``O_DIRECT``: offsets and lengths in whole blocks, ``view`` starting on a block) a short read
+    is retried from the start of its last, partial block, so every retry is aligned too; a read that ends inside
+    the first block it asked for is the end of the file."""
     done = 0
     while done < len(view):
         if hasattr(os, "preadv"):
@@ -33,17 +38,29 @@ def _pread_full(fd: int, view: memoryview, offset: int) -> int:
             view[done : done + got] = chunk
         if got == 0:
             break
-        done += got
+        if done + got == len(view):
+            return len(view)
+        aligned = (done + got) // align * align
+        if aligned == done:  # less than one block: EOF (retrying would read the same bytes again)
+            return done + got
+        done = aligned
     return done
 
 
-def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
+def _pwrite_full(fd: int, view: memoryview, offset: int, align: int = 1) -> None:
+    """Writes ``view`` at ``offset``, looping over short writes (each retry from a multiple of ``align``)."""
     done = 0
     while done < len(view):
         if hasattr(os, "pwritev"):
-            done += os.pwritev(fd, [view[done:]], offset + done)
+            wrote = os.pwritev(fd, [view[done:]], offset + done)
         else:  # pragma: no cover - platforms without pwritev
-            done += os.pwrite(fd, view[done:], offset + done)
+            wrote = os.pwrite(fd, view[done:], offset + done)
+        if done + wrote == len(view):
+            return
+        aligned = (done + wrote) // align * align
+        if aligned == done:
+            raise OSError(errno.EIO, f"short write: {wrote} bytes at offset {offset + done}, less than one block")
+        done = aligned
 
 
 def _fdatasync(fd: int) -> None:

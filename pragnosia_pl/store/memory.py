@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pragnosia_pl.store.base import HOST_CHUNK_BYTES, ExpertStore, Pending, RecordInit
+from pragnosia_pl.store.base import HOST_CHUNK_BYTES, ExpertStore, Pending, RecordInit, RecordPart
 
 
 class DeviceStore(ExpertStore):
@@ -31,9 +31,14 @@ class DeviceStore(ExpertStore):
     kind = "device"
 
     def __init__(
-        self, num_experts: int, record_numel: int, init_record: RecordInit, device: torch.device | str = "cpu"
+        self,
+        num_experts: int,
+        record_numel: int,
+        init_record: RecordInit,
+        device: torch.device | str = "cpu",
+        params_numel: int | None = None,
     ) -> None:
-        super().__init__(num_experts, record_numel, init_record)
+        super().__init__(num_experts, record_numel, init_record, params_numel)
         self.device = torch.device(device)
         self.records = torch.empty(num_experts, record_numel, device=self.device)  # (n, R)
         self._initialise(range(num_experts))
@@ -53,8 +58,9 @@ class DeviceStore(ExpertStore):
             index = torch.tensor(chunk, device=self.device)
             self.records.index_copy_(0, index, staging[: len(chunk)].to(self.device))
 
-    def _read(self, expert_id: int, into: torch.Tensor) -> None:
-        into.copy_(self.records[expert_id])
+    def _read(self, expert_id: int, into: torch.Tensor, part: RecordPart) -> None:
+        first, end = self.part_bounds[part]
+        into[first:end].copy_(self.records[expert_id, first:end])
 
     def _write(self, expert_id: int, src: torch.Tensor) -> None:
         self.records[expert_id].copy_(src)
@@ -90,9 +96,14 @@ class HostStore(ExpertStore):
     kind = "host"
 
     def __init__(
-        self, num_experts: int, record_numel: int, init_record: RecordInit, pin_memory: bool | None = None
+        self,
+        num_experts: int,
+        record_numel: int,
+        init_record: RecordInit,
+        pin_memory: bool | None = None,
+        params_numel: int | None = None,
     ) -> None:
-        super().__init__(num_experts, record_numel, init_record)
+        super().__init__(num_experts, record_numel, init_record, params_numel)
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         if pin_memory and not torch.cuda.is_available():
@@ -106,16 +117,17 @@ class HostStore(ExpertStore):
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._side_busy = False
 
-    def _read(self, expert_id: int, into: torch.Tensor) -> None:
+    def _read(self, expert_id: int, into: torch.Tensor, part: RecordPart) -> None:
         if into.is_cuda:
-            self._read_async(expert_id, into).wait()
+            self._read_async(expert_id, into, part).wait()
             return
         self._drain()
         record = self._records.get(expert_id)
         if record is None:
             self._initial_record(expert_id, into)
         else:
-            into.copy_(record)
+            first, end = self.part_bounds[part]
+            into[first:end].copy_(record[first:end])
 
     def _write(self, expert_id: int, src: torch.Tensor) -> None:
         if src.is_cuda:
@@ -124,9 +136,9 @@ class HostStore(ExpertStore):
         self._drain()
         self._record_for_write(expert_id).copy_(src)
 
-    def _read_async(self, expert_id: int, into: torch.Tensor) -> Pending:
+    def _read_async(self, expert_id: int, into: torch.Tensor, part: RecordPart) -> Pending:
         if not into.is_cuda:
-            self._read(expert_id, into)
+            self._read(expert_id, into, part)
             return Pending()
         record = self._records.get(expert_id)
         staged = record is None
@@ -137,7 +149,9 @@ class HostStore(ExpertStore):
                 self._staging = torch.empty(self.record_numel, pin_memory=self.pin_memory)
             record = self._staging
             self._initial_record(expert_id, record)
-        event = self._copy_on_side_stream(into, record, into)
+            part = "record"  # an unmaterialized expert: all of `into` gets its initial record
+        first, end = self.part_bounds[part]
+        event = self._copy_on_side_stream(into[first:end], record[first:end], into)
         if staged:
             self._staging_event = event
         return Pending(event=event, device=into.device)

@@ -440,3 +440,347 @@ def render(result: dict[str, Any], compare: dict[str, Any] | None = None) -> str
             "",
         ]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the store-bound step (issue 25)
+
+
+@dataclass
+class StoreBoundConfig:
+    """The store-bound step of issue 25: an ``exact`` model whose every step touches most of its experts, trained on
+    each store of ``stores`` in turn in one process, on the same random bytes.
+
+    Args:
+        num_experts, expert_hidden, d_model, n_shared_layers, n_heads, num_active_experts: n = 256 experts
+            128 → 4,096 → 128 with Adam (a record of 12.6 MB; 3.2 GB in all).
+        expert_cache, lr: 8 device slots, Adam at the shared lr.
+        stores: ``host``, ``direct``, or ``direct+tier`` (``direct`` behind a host tier of ``host_tier_bytes``).
+        host_tier_bytes: the tier (1 GiB: a third of the store).
+        warmup_steps, steps, rounds: ``rounds`` rounds of ``steps`` counted steps per store, the stores in turn
+            within a round (so they share the machine's load), and ``warmup_steps`` more first, not counted.
+        batch_size, block_size: random bytes a step (``batch_size × block_size``).
+        store_dir: where the direct store's file goes; default ``<out>/store`` (deleted afterwards).
+        threads: torch CPU threads.
+    """
+
+    num_experts: int = 256
+    expert_hidden: int = 4096
+    d_model: int = 128
+    n_shared_layers: int = 2
+    n_heads: int = 4
+    num_active_experts: int = 2
+    expert_cache: int = 8
+    lr: float = 1e-3
+    stores: tuple[str, ...] = ("host", "direct", "direct+tier")
+    host_tier_bytes: int = 2**30
+    warmup_steps: int = 2
+    steps: int = 2
+    rounds: int = 3
+    batch_size: int = 16
+    block_size: int = 128
+    store_dir: str | None = None
+    threads: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.stores) - {"host", "direct", "direct+tier"}
+        if unknown:
+            raise ValueError(f"stores ({sorted(unknown)}) must be host, direct or direct+tier")
+
+    @classmethod
+    def quick(cls, **changes: Any) -> StoreBoundConfig:
+        """Seconds: 24 experts of width 64 on a tiny trunk, a tier of 6 records, 1 + 2 steps (what the test runs)."""
+        options: dict[str, Any] = dict(
+            num_experts=24,
+            expert_hidden=64,
+            d_model=16,
+            n_shared_layers=1,
+            n_heads=2,
+            expert_cache=3,
+            host_tier_bytes=6 * 4 * (3 * (2 * 16 * 64 + 64 + 16 + 2 * 16) + 1),
+            warmup_steps=1,
+            steps=1,
+            rounds=2,
+            batch_size=2,
+            block_size=32,
+        )
+        return cls(**{**options, **changes})
+
+
+def store_meter():
+    """A callback that records, per training step, its seconds, the experts it touched (expert updates) and the
+    store's traffic: bytes read and written through the store, and from and to the disk file."""
+    from lightning.pytorch import Callback
+    from typing_extensions import override
+
+    def counters(pl_module) -> dict[str, float]:
+        store = pl_module.store.stats()
+        disk = {key[len("backing_") :]: value for key, value in store.items() if key.startswith("backing_")}
+        disk = disk or (store if "file_bytes_read" in store else {})
+        return {
+            "updates": pl_module.rule.updates,
+            "reads": store["reads"],
+            "bytes_read": store["bytes_read"],
+            "bytes_written": store["bytes_written"],
+            "disk_bytes_read": disk.get("file_bytes_read", 0.0),
+            "disk_bytes_written": disk.get("bytes_written", 0.0),
+            "disk_read_seconds": disk.get("read_seconds", 0.0),
+            "disk_write_seconds": disk.get("write_seconds", 0.0),
+            "tier_hits": store.get("tier_hits", 0.0),
+            "cpu_seconds": time.process_time(),  # every thread of the process: the work, whatever the load
+        }
+
+    class StoreMeter(Callback):
+        """See :func:`store_meter`."""
+
+        def __init__(self) -> None:
+            self.steps: list[dict[str, float]] = []
+            self.round = 0  # set by the caller before each round's fit
+            self._start: tuple[float, dict[str, float]] = (0.0, {})
+
+        @override
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+            self._start = (time.perf_counter(), counters(pl_module))
+
+        @override
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+            started, before = self._start
+            after = counters(pl_module)
+            row = {key: after[key] - before[key] for key in after}
+            row["seconds"] = time.perf_counter() - started
+            row["touched"] = row.pop("updates")
+            row["round"] = self.round
+            self.steps.append(row)
+
+    return StoreMeter()
+
+
+def run_store_bound(config: StoreBoundConfig, out: Path, command: str = "", log=print) -> dict[str, Any]:
+    """Every store of ``config.stores``, each filled with every expert's initial record, trained ``rounds`` times
+    ``steps`` steps in turn (``warmup_steps`` more in the first round, not counted), on the same random bytes: the
+    stores share the machine's load round by round. Writes ``out/store_bound.json`` and ``out/README.md``."""
+    import gc
+
+    import torch
+    from lightning.pytorch import Trainer, seed_everything
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import pragnosia_pl
+    from pragnosia_pl import PragnosiaLM
+
+    torch.set_num_threads(config.threads)
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    store_dir = Path(config.store_dir) if config.store_dir else out / "store"
+    total = config.warmup_steps + config.rounds * config.steps
+    generator = torch.Generator().manual_seed(config.seed)
+    blocks = torch.randint(0, 256, (total * config.batch_size, config.block_size + 1), generator=generator)
+    result: dict[str, Any] = {
+        **report.report_header("store_bound", started, config, command, load=os.getloadavg()[0]),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "package": str(Path(pragnosia_pl.__file__).parent),  # the code measured (a "before" run imports another)
+        "runs": [],
+    }
+    models, meters = {}, {}
+    for contender in config.stores:
+        kind, _, tier = contender.partition("+")
+        seed_everything(config.seed, verbose=False)
+        options = dict(host_tier_bytes=config.host_tier_bytes) if tier else {}  # absent before issue 25
+        models[contender] = model = PragnosiaLM(
+            d_model=config.d_model,
+            n_shared_layers=config.n_shared_layers,
+            n_heads=config.n_heads,
+            num_experts=config.num_experts,
+            num_active_experts=config.num_active_experts,
+            objective="exact",
+            expert_cache=config.expert_cache,
+            expert_hidden=config.expert_hidden,
+            store=kind,
+            store_dir=str(store_dir / contender),
+            expert_optimizer="adam",
+            local_lr=config.lr,
+            lr=config.lr,
+            seed=config.seed,
+            **options,
+        )
+        store = model.store
+        log(f"store_bound: {contender}: writing {config.num_experts} records")
+        fill = fill_store(getattr(store, "backing", store), log)  # the tier starts empty
+        meters[contender] = store_meter()
+        result["runs"].append(
+            {
+                "store": contender,
+                "record_bytes": store.record_bytes,
+                "params_bytes": 4 * model.layout.num_params,
+                "fill_seconds": fill["seconds"],
+                "load_average_before": os.getloadavg(),
+            }
+        )
+    first = 0  # the round's first batch
+    for round_ in range(config.rounds):
+        count = config.steps + (config.warmup_steps if round_ == 0 else 0)
+        part = blocks[first * config.batch_size : (first + count) * config.batch_size]
+        loader = DataLoader(TensorDataset(part[:, :-1], part[:, 1:]), batch_size=config.batch_size)
+        first += count
+        for contender, model in models.items():  # every fit builds the shared AdamW anew: the same for each store
+            meters[contender].round = round_
+            trainer = Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_steps=count,
+                default_root_dir=str(out / "lightning"),
+                logger=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=False,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+                callbacks=[meters[contender]],
+            )
+            trainer.fit(model, train_dataloaders=loader)
+        log(f"store_bound: round {round_ + 1} of {config.rounds} done")
+    for run in result["runs"]:
+        model, steps = models[run["store"]], meters[run["store"]].steps
+        model.experts().flush()
+        run.update(load_average_after=os.getloadavg(), steps=steps, counted=steps[config.warmup_steps :])
+        log(f"store_bound: {run['store']}: {json.dumps(summarize_store_bound(run))}")
+        model.store.close()
+    models.clear()
+    gc.collect()
+    result["paired_ratios"] = paired_ratios(result["runs"])
+    log(f"store_bound: ÷ host, median over rounds: {json.dumps(result['paired_ratios'])}")
+    shutil.rmtree(store_dir, ignore_errors=True)
+    shutil.rmtree(out / "lightning", ignore_errors=True)
+    result["wall_minutes"] = (time.time() - started) / 60
+    (out / "store_bound.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_store_bound_page(out)
+    return result
+
+
+def paired_ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Each store's median step time over the host store's, round by round (the rounds ran one after the other,
+    the stores in turn within a round), then the median over the rounds; empty without a host run or rounds."""
+    by_round: dict[str, dict[int, list[float]]] = {}
+    for run in runs:
+        for step in run["counted"]:
+            if "round" in step:
+                by_round.setdefault(run["store"], {}).setdefault(step["round"], []).append(step["seconds"])
+    host = by_round.get("host", {})
+    return {
+        store: statistics.median(statistics.median(rounds[r]) / statistics.median(host[r]) for r in rounds if r in host)
+        for store, rounds in by_round.items()
+        if store != "host" and any(r in host for r in rounds)
+    }
+
+
+def summarize_store_bound(run: dict[str, Any]) -> dict[str, float]:
+    """The counted steps of one store: medians and means per step and per touched expert."""
+    steps = run["counted"]
+    touched = sum(step["touched"] for step in steps)
+
+    def per_step(key: str) -> float:
+        return statistics.fmean(step[key] for step in steps)
+
+    return {
+        "ms_per_step": 1e3 * statistics.median(step["seconds"] for step in steps),
+        "touched_per_step": touched / len(steps),
+        "reads_per_touched": sum(step["reads"] for step in steps) / touched,
+        "read_per_step": per_step("bytes_read"),
+        "written_per_step": per_step("bytes_written"),
+        "read_per_touched_in_p": sum(step["bytes_read"] for step in steps) / touched / run["params_bytes"],
+        "disk_read_per_step": per_step("disk_bytes_read"),
+        "disk_written_per_step": per_step("disk_bytes_written"),
+        "disk_seconds_per_step": per_step("disk_read_seconds") + per_step("disk_write_seconds"),
+        "cpu_seconds_per_step": per_step("cpu_seconds") if "cpu_seconds" in steps[0] else float("nan"),
+        "tier_hits_per_step": per_step("tier_hits"),
+    }
+
+
+def write_store_bound_page(out: Path) -> None:
+    """``out/README.md`` from ``out/store_bound.json`` and, when there is one, ``out/before/store_bound.json`` (the
+    same command on the code before issue 25)."""
+    result = json.loads((out / "store_bound.json").read_text())
+    before_path = out / "before" / "store_bound.json"
+    before = json.loads(before_path.read_text()) if before_path.is_file() else None
+    config = result["config"]
+    lines = [
+        *report.page_header(
+            "The store-bound step: host against direct, and a host tier (issue 25)",
+            "scripts/bench_beyond_ram.py --store-bound",
+            ["store_bound.json"],
+            also="`before/store_bound.json` (the same command on the code before issue 25)" if before else "",
+        ),
+        f"- Model: `exact`, n = {config['num_experts']}, experts {config['d_model']} → {config['expert_hidden']} → "
+        f"{config['d_model']} with Adam, {config['expert_cache']} device slots, k = {config['num_active_experts']}, "
+        f"{config['batch_size']} × {config['block_size']} random bytes a step, {config['threads']} torch thread(s); "
+        f"{config['warmup_steps']} steps not counted, then "
+        + (
+            f"{config['rounds']} rounds of {config['steps']} counted steps per store, the stores in turn within a "
+            "round (so they share the machine's load alike)"
+            if "rounds" in config
+            else f"{config['steps']} counted, one store after the other"
+        )
+        + " (medians and means over the counted steps). "
+        f"Host tier: {config['host_tier_bytes'] / 2**30:g} GiB.",
+        "- P: an expert's parameter bytes; a record is P + 2P (Adam's moments) + 4 bytes (its step).",
+    ]
+    for label, report_ in (("After" if before else "Run", result), ("Before", before)):
+        if report_ is None:
+            continue
+        summaries = [(run, summarize_store_bound(run)) for run in report_["runs"]]
+        host = next((s["ms_per_step"] for run, s in summaries if run["store"] == "host"), None)
+        paired = report_.get("paired_ratios", {})
+        rows = []
+        for run, s in summaries:
+            loads = f"{run['load_average_before'][0]:.1f} → {run['load_average_after'][0]:.1f}"
+            rows.append(
+                [
+                    f"`{run['store']}`",
+                    f"{s['ms_per_step']:,.0f}",
+                    f"{s['ms_per_step'] / host:.2f}" if host else "",
+                    f"{paired[run['store']]:.2f}" if run["store"] in paired else "",
+                    f"{s['touched_per_step']:.0f}",
+                    f"{s['reads_per_touched']:.2f}",
+                    f"{s['read_per_step'] / 2**20:,.0f}",
+                    f"{s['read_per_touched_in_p']:.2f} P",
+                    f"{s['written_per_step'] / 2**20:,.0f}",
+                    f"{s['disk_read_per_step'] / 2**20:,.0f} / {s['disk_written_per_step'] / 2**20:,.0f}",
+                    f"{s['disk_seconds_per_step']:.2f}",
+                    f"{s['cpu_seconds_per_step']:.1f}"
+                    if s["cpu_seconds_per_step"] == s["cpu_seconds_per_step"]
+                    else "",
+                    f"{s['tier_hits_per_step']:.0f}",
+                    loads,
+                ]
+            )
+        lines += [
+            "",
+            f"## {label}: {report_['date']}, commit {report_.get('commit') or '?'}",
+            "",
+            report.run_lines(report_)[0] if report_.get("command") else "",
+            f"- Package measured: `{report_['package']}`"
+            + (" (the tree of the commit before issue 25, imported through `PYTHONPATH`)" if label == "Before" else ""),
+            report.machine_line(report_),
+            "",
+            *report.markdown_table(
+                [
+                    "Store",
+                    "ms per step",
+                    "÷ host",
+                    "÷ host, paired by round (median)",
+                    "Touched experts per step",
+                    "Reads per touched expert",
+                    "Read per step (MiB)",
+                    "Read per touched expert",
+                    "Written per step (MiB)",
+                    "Disk read / written per step (MiB)",
+                    "Store worker's seconds in the disk per step",
+                    "CPU seconds per step (all threads)",
+                    "Tier hits per step",
+                    "Load average (1 min) before → after",
+                ],
+                rows,
+                align="lrrrrrrrrrrrrl",
+            ),
+        ]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
