@@ -43,7 +43,8 @@ class LanguageModel(LightningModule):
     the same in every model (DESIGN §7).
     Subclasses implement ``forward(tokens) -> logits`` (evaluation path) and ``training_step``.
     Validation logs ``val/loss`` and ``val/bpb`` over all tokens and ``val/loss/<domain>``,
-    ``val/bpb/<domain>`` per validation dataloader, named by the datamodule's ``val_domain_names``.
+    ``val/bpb/<domain>`` per validation dataloader, named by the datamodule's ``val_domain_names``; ``test``
+    logs the same under ``test/``, one test dataloader per domain in the same order.
     """
 
     def __init__(
@@ -60,6 +61,12 @@ class LanguageModel(LightningModule):
         with seeded(seed, 0):
             self.backbone = Backbone(VOCAB_SIZE, d_model, n_shared_layers, n_heads, MAX_LEN)
         self.val_losses: dict[str, MeanMetric] = {}
+        self.test_losses: dict[str, MeanMetric] = {}
+
+    @property
+    def max_len(self) -> int:
+        """The longest sequence the model takes (its rotary table): ``data.block_size`` must not exceed it."""
+        return self.backbone.max_len
 
     def shared_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters trained by the shared optimizer."""
@@ -90,39 +97,152 @@ class LanguageModel(LightningModule):
 
     @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        return self._evaluate(self.val_losses, batch, dataloader_idx)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_losses("val", self.val_losses)
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self.test_losses = {}
+
+    @override
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        return self._evaluate(self.test_losses, batch, dataloader_idx)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        self._log_losses("test", self.test_losses)
+
+    def _evaluate(
+        self, losses: dict[str, MeanMetric], batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int
+    ) -> torch.Tensor:
         tokens, targets = batch  # (B, T), (B, T)
         logits = self(tokens)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         for name in ("", self.val_domain_name(dataloader_idx)):
-            if name not in self.val_losses:
+            if name not in losses:
                 with torch.inference_mode(False):
-                    self.val_losses[name] = MeanMetric(sync_on_compute=True).to(self.device)
-            self.val_losses[name].update(loss.detach(), weight=targets.numel())
+                    losses[name] = MeanMetric(sync_on_compute=True).to(self.device)
+            losses[name].update(loss.detach(), weight=targets.numel())
         return loss
 
-    @override
-    def on_validation_epoch_end(self) -> None:
-        for name, metric in self.val_losses.items():
+    def _log_losses(self, stage: str, losses: dict[str, MeanMetric]) -> None:
+        for name, metric in losses.items():
             loss = metric.compute()
             suffix = f"/{name}" if name else ""
-            self.log(f"val/loss{suffix}", loss, prog_bar=not name, sync_dist=False)
-            self.log(f"val/bpb{suffix}", loss / math.log(2), prog_bar=not name, sync_dist=False)
+            self.log(f"{stage}/loss{suffix}", loss, prog_bar=not name, sync_dist=False)
+            self.log(f"{stage}/bpb{suffix}", loss / math.log(2), prog_bar=not name, sync_dist=False)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     @torch.no_grad()
-    def generate(self, prompt: bytes, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int = 0) -> bytes:
-        """Sample ``max_new_tokens`` bytes after ``prompt`` (constant memory: experts stream through the slots); each
-        byte is predicted from the last :data:`MAX_LEN` bytes at most."""
-        check_positive(max_new_tokens=max_new_tokens, temperature=temperature)
+    def generate(
+        self,
+        prompt: bytes,
+        max_new_tokens: int = 200,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ) -> bytes:
+        """Continue ``prompt`` by ``max_new_tokens`` bytes (constant memory: experts stream through the slots); each
+        byte is predicted from the last :data:`MAX_LEN` bytes at most. Sampling follows Hugging Face ``generate``.
+
+        Args:
+            prompt: Bytes to continue (empty: a newline).
+            max_new_tokens: Bytes to add.
+            temperature: Divides the logits; 0 is greedy decoding (the most likely byte each time).
+            top_k: Sample among the ``top_k`` most likely bytes only (0: all; clipped to the vocabulary).
+            top_p: Sample among the most likely bytes whose probabilities sum to ``top_p`` (nucleus; 1: all).
+
+        Raises:
+            ValueError: On a value out of range, naming the argument.
+
+        Example::
+
+            model = PragnosiaLM.load_from_checkpoint("runs/quickstart/checkpoints/last.ckpt").eval()
+            print(model.generate(b"def ", 200, temperature=0).decode(errors="replace"))
+        """
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         tokens = torch.tensor(list(prompt) or [10], dtype=torch.long, device=self.device)[None]  # (1, T)
         start = tokens.size(1)
         for _ in range(max_new_tokens):
-            logits = self(tokens[:, -MAX_LEN:])[0, -1] / temperature  # (V,)
-            if top_k:
-                logits[logits < logits.topk(top_k).values[-1]] = -math.inf
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (1,)
+            logits = self.next_token_logits(tokens[:, -MAX_LEN:]).float()  # (V,)
+            if temperature == 0:
+                next_token = logits.argmax()[None]  # (1,)
+            else:
+                probs = F.softmax(_filter_logits(logits / temperature, top_k, top_p), dim=-1)  # (V,)
+                next_token = torch.multinomial(probs, 1)  # (1,)
             tokens = torch.cat([tokens, next_token[None]], dim=1)
         return bytes(tokens[0, start:].tolist())
+
+    def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits (V,) of the byte after ``tokens`` (1, T): the last row of ``self(tokens)``; a model may
+        compute that row alone."""
+        return self(tokens)[0, -1]  # (V,)
+
+    @torch.no_grad()
+    def score(self, text: bytes, block_size: int = 128, batch_size: int = 16) -> tuple[float, int]:
+        """Bits per byte of the whole of ``text``: every byte predicted once, from the bytes before it in its
+        window of ``block_size`` (the first from a newline), as validation predicts a block's bytes.
+
+        Args:
+            text: The bytes to score.
+            block_size: Bytes predicted per window (the training ``data.block_size`` makes it comparable with
+                ``val/bpb``); at most :attr:`max_len`.
+            batch_size: Windows per forward pass.
+
+        Returns:
+            ``(bits per byte, bytes scored)``.
+
+        Raises:
+            ValueError: On empty ``text`` or a ``block_size`` out of range.
+        """
+        if not text:
+            raise ValueError("score: the text is empty")
+        if not 1 <= block_size <= self.max_len:
+            raise ValueError(f"block_size ({block_size}) must be between 1 and {self.max_len}")
+        check_positive(batch_size=batch_size)
+        stream = torch.tensor([10, *text], dtype=torch.long, device=self.device)  # (N + 1,)
+        num_full = len(text) // block_size
+        windows = stream[: num_full * block_size + 1]
+        inputs = [windows[:-1].view(num_full, block_size)] if num_full else []  # (W, T)
+        targets = [windows[1:].view(num_full, block_size)] if num_full else []
+        if len(text) % block_size:
+            inputs.append(stream[num_full * block_size : -1][None])  # (1, T')
+            targets.append(stream[num_full * block_size + 1 :][None])
+        total = 0.0
+        for x, y in zip(inputs, targets):
+            for start in range(0, x.size(0), batch_size):
+                logits = self(x[start : start + batch_size])  # (b, T, V)
+                loss = F.cross_entropy(
+                    logits.flatten(0, 1).float(), y[start : start + batch_size].flatten(), reduction="sum"
+                )
+                total += float(loss)
+        return total / len(text) / math.log(2), len(text)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, flag: str = "") -> None:
+    """Raise ``ValueError`` on a sampling value out of range, naming it as ``{flag}{name}`` (``--`` on the CLI)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"{flag}max_new_tokens ({max_new_tokens}) must be ≥ 1")
+    if not temperature >= 0 or math.isinf(temperature):
+        raise ValueError(f"{flag}temperature ({temperature}) must be ≥ 0 and finite (0: greedy)")
+    if top_k < 0:
+        raise ValueError(f"{flag}top_k ({top_k}) must be ≥ 0 (0: all {VOCAB_SIZE} bytes)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"{flag}top_p ({top_p}) must be in (0, 1] (1: off)")
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """``logits`` (V,) with every byte outside the top-k and outside the nucleus of mass ``top_p`` at -inf."""
+    if 0 < top_k < logits.numel():
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[-1], -math.inf)
+    if top_p < 1:
+        probs, order = F.softmax(logits, dim=-1).sort(descending=True)  # (V,), (V,)
+        outside = probs.cumsum(0) - probs >= top_p  # the mass before it already reaches top_p; the first always stays
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(0, order, outside), -math.inf)
+    return logits

@@ -105,7 +105,13 @@ def test_a_bad_learning_rates_hook_names_the_module(tmp_path):
             return [0.1]
 
     trainer = Trainer(
-        accelerator="cpu", max_steps=1, logger=False, callbacks=[LearningRates()], enable_progress_bar=False
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[LearningRates()],
+        enable_progress_bar=False,
     )
     with pytest.raises(TypeError, match=r"Bad\.learning_rates\(\) must return a dict\[str, float\], got list"):
         trainer.fit(Bad(), train_dataloaders=token_batches(1))
@@ -117,7 +123,13 @@ def test_store_summary_adds_the_stores_parameters(tmp_path, capsys, caplog):
             return {"total": 5_000_000, "active": 250_000}
 
     trainer = Trainer(
-        accelerator="cpu", max_steps=1, logger=False, callbacks=[StoreModelSummary()], enable_progress_bar=False
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[StoreModelSummary()],
+        enable_progress_bar=False,
     )
     with caplog.at_level("INFO"):
         trainer.fit(Stored(), train_dataloaders=token_batches(1))
