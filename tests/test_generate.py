@@ -96,6 +96,7 @@ def test_top_p_keeps_the_smallest_set_of_bytes_that_reaches_the_mass():
         (["--top_p", "1.5"], "--top_p (1.5) must be in (0, 1] (1: off)"),
         (["--max_new_tokens", "0"], "--max_new_tokens (0) must be ≥ 1"),
         (["--device", "nope"], "--device 'nope' is not a device (cpu, cuda, cuda:1, ...)"),
+        (["--num_threads", "0"], "--num_threads (0) must be ≥ 1"),
     ],
 )
 def test_generate_checks_every_value_before_loading_the_checkpoint(tmp_path, capsys, args, message):
