@@ -46,7 +46,8 @@ class PragnosiaCLI(LightningCLI):
     checkpoint). The model's expert store defaults to ``<trainer.log_dir>/expert_store``, hence under it too.
 
     Checkpoints are written crash-safe (:class:`~pragnosia_pl.checkpoint_io.AtomicCheckpointIO`) unless the
-    configuration names a ``CheckpointIO`` plugin of its own.
+    configuration names a ``CheckpointIO`` plugin of its own. Lightning's default model summary becomes
+    ``callbacks.StoreModelSummary``, which adds the parameters in the expert store.
     """
 
     @staticmethod
@@ -58,7 +59,9 @@ class PragnosiaCLI(LightningCLI):
     @override
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
         super()._add_subcommands(parser, **kwargs)
-        for name, (description, _) in CHECKPOINT_COMMANDS.items():  # listed in `pragnosia --help`; main() runs them
+        # listed in `pragnosia --help`; main() runs them. jsonargparse allows one add_subcommands() per parser and
+        # keeps the action it returned (LightningCLI's, above) only as this attribute.
+        for name, (description, _) in CHECKPOINT_COMMANDS.items():
             parser._subcommands_action.add_subcommand(
                 name, LightningArgumentParser(description=description), help=description
             )
