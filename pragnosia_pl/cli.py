@@ -121,8 +121,16 @@ def run_cli(args: list[str] | None = None, run: bool = True, exit_on_error: bool
     )
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors reach :func:`main` as ``ValueError``: one line, no usage block."""
+
+    @override
+    def error(self, message: str):
+        raise ValueError(message)
+
+
 def _checkpoint_parser(command: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog=f"pragnosia {command}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by `pragnosia fit`")

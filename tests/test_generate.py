@@ -97,6 +97,7 @@ def test_top_p_keeps_the_smallest_set_of_bytes_that_reaches_the_mass():
         (["--max_new_tokens", "0"], "--max_new_tokens (0) must be ≥ 1"),
         (["--device", "nope"], "--device 'nope' is not a device (cpu, cuda, cuda:1, ...)"),
         (["--num_threads", "0"], "--num_threads (0) must be ≥ 1"),
+        (["--max_new_tokens", "many"], "argument --max_new_tokens: invalid int value: 'many'"),
     ],
 )
 def test_generate_checks_every_value_before_loading_the_checkpoint(tmp_path, capsys, args, message):
@@ -104,6 +105,12 @@ def test_generate_checks_every_value_before_loading_the_checkpoint(tmp_path, cap
     with pytest.raises(SystemExit):
         main(["generate", "--ckpt_path", str(tmp_path / "nope.ckpt"), *args])
     assert capsys.readouterr().err == f"pragnosia: error: {message}\n"
+
+
+def test_generate_without_a_checkpoint_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "x"])
+    assert capsys.readouterr().err == "pragnosia: error: the following arguments are required: --ckpt_path\n"
 
 
 def test_generate_help_shows_the_defaults(capsys):
