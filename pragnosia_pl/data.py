@@ -113,24 +113,30 @@ def _collate_blocks(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
 
 
 class DomainText(NamedTuple):
-    """A domain's bytes and their train/val split: by block (``train`` and ``val`` are the same stream, the blocks of
-    ``block_bytes`` bytes listed in ``train_blocks`` and ``val_blocks``) or by file (two streams, no block lists)."""
+    """A domain's bytes and their train/val/test split: by block (``train``, ``val`` and ``test`` are the same
+    stream, the blocks of ``block_bytes`` bytes listed in ``train_blocks``, ``val_blocks`` and ``test_blocks``) or by
+    file (a stream per split, no block lists)."""
 
     train: np.ndarray  # (N,) uint8
     val: np.ndarray  # (N,) uint8
+    test: np.ndarray  # (N,) uint8
     train_blocks: np.ndarray | None = None
     val_blocks: np.ndarray | None = None
+    test_blocks: np.ndarray | None = None
     block_bytes: int = 0
 
     @property
     def num_bytes(self) -> int:
-        return len(self.train) if self.val is self.train else len(self.train) + len(self.val)
+        return len(self.train) if self.val is self.train else len(self.train) + len(self.val) + len(self.test)
 
     def runs(self, split: str) -> list[bytes]:
-        """The text of ``split`` (``"train"`` or ``"val"``): one piece per run of consecutive blocks, or its stream."""
-        stream, blocks = (self.train, self.train_blocks) if split == "train" else (self.val, self.val_blocks)
+        """The text of ``split`` (``train``, ``val`` or ``test``): one piece per run of consecutive blocks, or its
+        stream."""
+        stream, blocks = getattr(self, split), getattr(self, f"{split}_blocks")
         if blocks is None:
-            return [stream.tobytes()]
+            return [stream.tobytes()] if len(stream) else []
+        if not len(blocks):
+            return []
         runs = np.split(blocks, np.flatnonzero(np.diff(blocks) != 1) + 1)
         return [stream[run[0] * self.block_bytes : (run[-1] + 1) * self.block_bytes].tobytes() for run in runs]
 
@@ -145,15 +151,17 @@ class TextDomains(pl.LightningDataModule):
     Each domain's files are read through Hugging Face ``datasets`` (cached under ``cache_dir``, keyed on every
     file's size and mtime; nothing is downloaded), encoded as UTF-8 bytes, joined with a blank line between
     documents and cut into non-overlapping blocks of ``block_size + 1`` bytes. A seeded permutation of each
-    domain's blocks gives a deterministic train/val split; ``python-code`` is split by file instead (a stable hash
-    of each file's name picks its split), so no validation file is ever trained on. With the byte tokenizer (ids
-    0-255) those blocks are the sequences. With another, each split's text (its runs of consecutive blocks, or its
-    files) is encoded and its tokens are packed into blocks of ``block_size + 1`` tokens, so the validation text is
-    the same under every tokenizer; a ``bpe:<V>`` tokenizer is trained on the training text of every domain only
-    (cached under ``<cache_dir>/tokenizers``), and encoded splits are cached under ``<cache_dir>/tokens``, keyed on
-    their text and the tokenizer. Training
-    mixes the active domains (all, or the one chosen with :meth:`set_domain`) in an order fixed by
-    ``(seed, epoch)``; validation has one loader per domain, in the order of :attr:`val_domain_names`. A batch
+    domain's blocks gives a deterministic train/val/test split: its first blocks are the validation blocks, the next
+    ones the test blocks, the rest the training blocks, so the validation blocks do not depend on ``test_fraction``.
+    ``python-code`` is split by file instead (a stable hash of each file's name picks its split), so no validation
+    or test file is ever trained on. With the byte tokenizer (ids 0-255) those blocks are the sequences. With
+    another, each split's text (its runs of consecutive blocks, or its files) is encoded and its tokens are packed
+    into blocks of ``block_size + 1`` tokens, so the validation text is the same under every tokenizer; a
+    ``bpe:<V>`` tokenizer is trained on the training text of every domain only (cached under
+    ``<cache_dir>/tokenizers``), and encoded splits are cached under ``<cache_dir>/tokens``, keyed on their text and
+    the tokenizer. Training mixes the active domains (all, or the one chosen with :meth:`set_domain`) in an order
+    fixed by ``(seed, epoch)``; validation and test have one loader per domain, in the order of
+    :attr:`val_domain_names`. A batch
     is ``(x, y)``, two ``LongTensor`` of shape ``(batch_size, block_size)`` with ``y`` = ``x`` shifted by one
     token.
 
@@ -166,11 +174,13 @@ class TextDomains(pl.LightningDataModule):
         block_size: Tokens per training sequence ``T``.
         batch_size: Sequences per batch ``B``.
         val_fraction: Share of each domain's blocks held out for validation (at least one block).
+        test_fraction: Share of each domain's blocks held out for ``pragnosia test`` (at least one block), never
+            trained or validated on; 0: no test split.
         max_bytes_per_domain: Read at most this many bytes of each domain (files in order); ``None``: all. A
-            domain split by file reads ``val_fraction`` of them from its validation files, the rest from its
-            training files.
+            domain split by file reads ``val_fraction`` of them from its validation files, ``test_fraction``
+            from its test files, the rest from its training files.
         num_workers: ``DataLoader`` worker processes.
-        seed: Seed of the train/val split and of the training order.
+        seed: Seed of the train/val/test split and of the training order.
         cache_dir: Where ``datasets`` caches the read files, trained tokenizers and encoded splits live; ``None``:
             ``$PRAGNOSIA_CACHE`` or ``~/.cache/pragnosia``.
         tokenizer: ``bytes`` (ids are bytes, V = 256), ``bpe:<V>`` (a byte-level BPE of V ids trained with Hugging
@@ -180,8 +190,9 @@ class TextDomains(pl.LightningDataModule):
 
     Raises:
         ValueError: On an invalid argument, naming its ``data.*`` key; at :meth:`setup`, on a domain whose files
-            don't exist, hold no text, or are shorter than two blocks (or whose split gives less than a block of
-            tokens).
+            don't exist, hold no text, or are shorter than one block per split (or whose split gives less than a
+            block of tokens); at :meth:`prepare_data`, on a ``block_size`` longer than the model's ``max_len``,
+            before any file is read.
 
     Example::
 
@@ -199,6 +210,7 @@ class TextDomains(pl.LightningDataModule):
         block_size: int = 128,
         batch_size: int = 16,
         val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
         max_bytes_per_domain: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
@@ -215,6 +227,11 @@ class TextDomains(pl.LightningDataModule):
             raise ValueError(f"data.batch_size ({batch_size}) must be ≥ 1")
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction ({val_fraction}) must be in (0, 1)")
+        if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ValueError(
+                f"data.test_fraction ({test_fraction}) must be in [0, 1) with data.val_fraction ({val_fraction}) "
+                "+ data.test_fraction < 1"
+            )
         if max_bytes_per_domain is not None and max_bytes_per_domain < 1:
             raise ValueError(f"data.max_bytes_per_domain ({max_bytes_per_domain}) must be ≥ 1 or null")
         if num_workers < 0:
@@ -225,6 +242,7 @@ class TextDomains(pl.LightningDataModule):
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.max_bytes_per_domain = max_bytes_per_domain
         self.num_workers = num_workers
         self.seed = seed
@@ -241,6 +259,7 @@ class TextDomains(pl.LightningDataModule):
         self._num_bytes: dict[str, int] = {}
         self._train: dict[str, BlockDataset] = {}
         self._val: dict[str, BlockDataset] = {}
+        self._test: dict[str, BlockDataset] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -265,40 +284,52 @@ class TextDomains(pl.LightningDataModule):
 
     @override
     def prepare_data(self) -> None:
+        self._check_block_size()
         if not self._num_bytes:  # fails here, before the Trainer makes a run directory; trains and caches a BPE
             self._prepared = self._load_all()
+
+    def _check_block_size(self) -> None:
+        """``block_size`` against the model's longest sequence (its ``max_len``), before any file is read."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        max_len = getattr(model, "max_len", None)
+        if isinstance(max_len, int) and self.block_size > max_len:
+            raise ValueError(
+                f"data.block_size ({self.block_size}) exceeds the {max_len} positions of the model's rotary table: "
+                f"data.block_size must be ≤ {max_len}"
+            )
 
     @override
     def setup(self, stage: str) -> None:
         if self._num_bytes:
             return
-        (num_bytes, train, val, tokenizer), self._prepared = self._prepared or self._load_all(), None
+        (num_bytes, train, val, test, tokenizer), self._prepared = self._prepared or self._load_all(), None
         lines = []
         for key in self.domains:
             size = f"{num_bytes[key] / 1e6:.1f} MB" if num_bytes[key] >= 100_000 else f"{num_bytes[key] / 1e3:.1f} kB"
-            lines.append(f"{key} {size} ({len(train[key]):,} train / {len(val[key]):,} val blocks)")
-        self._num_bytes, self._train, self._val, self._tokenizer = num_bytes, train, val, tokenizer
+            lines.append(
+                f"{key} {size} ({len(train[key]):,} train / {len(val[key]):,} val / {len(test[key]):,} test blocks)"
+            )
+        self._num_bytes, self._train, self._val, self._test = num_bytes, train, val, test
+        self._tokenizer = tokenizer
         vocabulary = "" if isinstance(tokenizer, ByteTokenizer) else f"; tokenizer {self.tokenizer_spec}"
         rank_zero_info("data: " + ", ".join(lines) + vocabulary)
 
-    def _load_all(
-        self,
-    ) -> tuple[dict[str, int], dict[str, BlockDataset], dict[str, BlockDataset], Tokenizer]:
+    def _load_all(self) -> tuple[dict[str, int], dict, dict, dict, Tokenizer]:
         """Every domain's bytes read and split, the tokenizer (a BPE trained on the training text of every domain),
-        and the training and validation blocks of every domain."""
+        and the training, validation and test blocks of every domain."""
         texts = {key: self._read(key) for key in self.domains}
         tokenizer = self._tokenizer
         if tokenizer is None:
             training_text = [run for text in texts.values() for run in text.runs("train")]
             tokenizer = cached_bpe(training_text, self.bpe_size, self.cache_dir)
-        train, val = {}, {}
+        train, val, test = {}, {}, {}
         for key, text in texts.items():
-            train[key], val[key] = self._blocks(key, text, tokenizer)
-        return {key: text.num_bytes for key, text in texts.items()}, train, val, tokenizer
+            train[key], val[key], test[key] = self._blocks(key, text, tokenizer)
+        return {key: text.num_bytes for key, text in texts.items()}, train, val, test, tokenizer
 
     def _read(self, key: str) -> DomainText:
-        """The bytes of domain ``key`` and their training/validation split: a seeded split of its blocks, or of its
-        files."""
+        """The bytes of domain ``key`` and their training/validation/test split: a seeded split of its blocks (the
+        validation blocks are the permutation's first ones whatever ``test_fraction`` is), or of its files."""
         sources = resolve_domain(key, self.domains[key])
         if any(source.name is not None for source in sources):
             return self._split_by_file(key, sources)
@@ -306,35 +337,45 @@ class TextDomains(pl.LightningDataModule):
         num_blocks = self._num_blocks(key, len(stream))
         order = np.random.default_rng([self.seed, zlib.crc32(key.encode())]).permutation(num_blocks)
         num_val = min(max(1, math.ceil(self.val_fraction * num_blocks)), num_blocks - 1)
-        return DomainText(stream, stream, np.sort(order[num_val:]), np.sort(order[:num_val]), self.block_size + 1)
+        num_test = 0 if self.test_fraction == 0 else max(1, math.ceil(self.test_fraction * num_blocks))
+        num_test = min(num_test, num_blocks - num_val - 1)
+        val, test, train = (np.sort(blocks) for blocks in np.split(order, [num_val, num_val + num_test]))
+        return DomainText(stream, stream, stream, train, val, test, self.block_size + 1)
 
     def _split_by_file(self, key: str, sources: list[Source]) -> DomainText:
-        train_files, val_files = split_by_file(key, sources, self.val_fraction)
-        val_bytes = train_bytes = None
+        train_files, val_files, test_files = split_by_file(key, sources, self.val_fraction, self.test_fraction)
+        val_bytes = test_bytes = train_bytes = None
         if self.max_bytes_per_domain is not None:
             val_bytes = max(1, round(self.val_fraction * self.max_bytes_per_domain))
-            train_bytes = self.max_bytes_per_domain - val_bytes
+            test_bytes = max(1, round(self.test_fraction * self.max_bytes_per_domain)) if self.test_fraction else 0
+            train_bytes = self.max_bytes_per_domain - val_bytes - test_bytes
             if train_bytes < 1:
                 raise ValueError(
                     f"data.max_bytes_per_domain ({self.max_bytes_per_domain}) leaves no training bytes for "
-                    f"data.domains.{key} after its validation share (data.val_fraction {self.val_fraction})"
+                    f"data.domains.{key} after its validation and test shares (data.val_fraction "
+                    f"{self.val_fraction}, data.test_fraction {self.test_fraction})"
                 )
         train = load_domain_bytes(key, train_files, train_bytes, self.cache_dir)  # (N,)
-        return DomainText(train, load_domain_bytes(key, val_files, val_bytes, self.cache_dir))
+        val = load_domain_bytes(key, val_files, val_bytes, self.cache_dir)
+        test = load_domain_bytes(key, test_files, test_bytes, self.cache_dir) if self.test_fraction else train[:0]
+        return DomainText(train, val, test)
 
-    def _blocks(self, key: str, text: DomainText, tokenizer: Tokenizer) -> tuple[BlockDataset, BlockDataset]:
-        """The training and validation blocks of a domain: its byte blocks, or its splits' tokens packed."""
+    def _blocks(
+        self, key: str, text: DomainText, tokenizer: Tokenizer
+    ) -> tuple[BlockDataset, BlockDataset, BlockDataset]:
+        """The training, validation and test blocks of a domain: its byte blocks, or its splits' tokens packed."""
         if isinstance(tokenizer, ByteTokenizer) and text.train_blocks is not None:
             stream = torch.from_numpy(text.train)  # (N,)
             return tuple(
                 BlockDataset(stream, torch.from_numpy(blocks), self.block_size)
-                for blocks in (text.train_blocks, text.val_blocks)
+                for blocks in (text.train_blocks, text.val_blocks, text.test_blocks)
             )
         unit = "bytes" if isinstance(tokenizer, ByteTokenizer) else "tokens"
         splits = []
-        for split, part in (("training", "train"), ("validation", "val")):
+        parts = [("training", "train"), ("validation", "val")] + ([("test", "test")] if self.test_fraction else [])
+        for split, part in parts:
             if isinstance(tokenizer, ByteTokenizer):
-                tokens = text.train if part == "train" else text.val  # (N,)
+                tokens = getattr(text, part)  # (N,)
             else:
                 tokens = self._encode(text.runs(part), tokenizer)  # (N,)
             num_blocks = len(tokens) // (self.block_size + 1)
@@ -346,7 +387,9 @@ class TextDomains(pl.LightningDataModule):
                     "data.block_size"
                 )
             splits.append(BlockDataset(torch.from_numpy(tokens), torch.arange(num_blocks), self.block_size))
-        return splits[0], splits[1]
+        if not self.test_fraction:
+            splits.append(BlockDataset(splits[0].tokens, torch.arange(0), self.block_size))
+        return splits[0], splits[1], splits[2]
 
     def _encode(self, runs: list[bytes], tokenizer: Tokenizer) -> np.ndarray:
         """The tokens of ``runs`` (each encoded on its own), cached under ``<cache_dir>/tokens`` by a hash of the
@@ -366,10 +409,11 @@ class TextDomains(pl.LightningDataModule):
 
     def _num_blocks(self, key: str, num_bytes: int) -> int:
         num_blocks = num_bytes // (self.block_size + 1)
-        if num_blocks < 2:
+        needed = 3 if self.test_fraction else 2  # one block per split at least
+        if num_blocks < needed:
             raise ValueError(
                 f"data.domains.{key}: {num_bytes:,} bytes make {num_blocks} block(s) of data.block_size + 1 = "
-                f"{self.block_size + 1} bytes (need ≥ 2): data.block_size ({self.block_size}) is too large "
+                f"{self.block_size + 1} bytes (need ≥ {needed}): data.block_size ({self.block_size}) is too large "
                 "for its text"
             )
         return num_blocks
@@ -396,25 +440,27 @@ class TextDomains(pl.LightningDataModule):
         self.active_domain = name
 
     def num_tokens(self, domain: str, split: str = "train") -> int:
-        """Target tokens in ``split`` (``"train"`` or ``"val"``) of ``domain``: blocks × ``block_size``."""
+        """Target tokens in ``split`` (``"train"``, ``"val"`` or ``"test"``) of ``domain``: blocks × ``block_size``."""
         self._check_setup()
         if domain not in self.domains:
             raise ValueError(f"unknown domain {domain!r}; domains: {', '.join(self.domains)}")
-        splits = {"train": self._train, "val": self._val}
+        splits = {"train": self._train, "val": self._val, "test": self._test}
         if split not in splits:
-            raise ValueError(f"unknown split {split!r}; splits: train, val")
+            raise ValueError(f"unknown split {split!r}; splits: train, val, test")
         return len(splits[split][domain]) * self.block_size
 
     def summary(self) -> dict[str, dict[str, int]]:
-        """Per domain: ``bytes`` read, ``train_blocks``, ``val_blocks``, ``train_tokens``, ``val_tokens``."""
+        """Per domain: ``bytes`` read, ``{train,val,test}_blocks`` and ``{train,val,test}_tokens``."""
         self._check_setup()
         return {
             key: {
                 "bytes": self._num_bytes[key],
                 "train_blocks": len(self._train[key]),
                 "val_blocks": len(self._val[key]),
+                "test_blocks": len(self._test[key]),
                 "train_tokens": self.num_tokens(key, "train"),
                 "val_tokens": self.num_tokens(key, "val"),
+                "test_tokens": self.num_tokens(key, "test"),
             }
             for key in self.domains
         }
@@ -442,9 +488,20 @@ class TextDomains(pl.LightningDataModule):
     @override
     def val_dataloader(self) -> list[DataLoader]:
         self._check_setup()
+        return self._eval_loaders(self._val)
+
+    @override
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per domain over its test blocks, in the order of :attr:`val_domain_names`."""
+        self._check_setup()
+        if not self.test_fraction:
+            raise ValueError("data.test_fraction is 0: there is no test split; set it > 0 (default 0.05)")
+        return self._eval_loaders(self._test)
+
+    def _eval_loaders(self, splits: dict[str, BlockDataset]) -> list[DataLoader]:
         return [
             DataLoader(
-                self._val[name],
+                splits[name],
                 batch_size=self.batch_size,
                 shuffle=False,
                 num_workers=self.num_workers,

@@ -6,9 +6,9 @@ empty files are skipped. The documents pass through ``datasets.Dataset.from_gene
 built from every file's path, size and mtime, so a cached domain is reused until one of its files changes.
 Nothing is ever downloaded.
 
-``python-code`` is split into training and validation *by file* (:func:`split_by_file`): each file carries a name
-relative to the library folder it lies in, and a hash of that name decides its split and its reading order, so
-the split is the same on every machine and no validation file is ever trained on.
+``python-code`` is split into training, validation and test *by file* (:func:`split_by_file`): each file carries a
+name relative to the library folder it lies in, and a hash of that name decides its split and its reading order,
+so the split is the same on every machine and no validation or test file is ever trained on.
 """
 
 from __future__ import annotations
@@ -115,15 +115,20 @@ def file_hash(name: str) -> tuple[int, float]:
     return int.from_bytes(digest[:8], "big"), int.from_bytes(digest[8:16], "big") / 2**64
 
 
-def split_by_file(key: str, sources: list[Source], val_fraction: float) -> tuple[list[Source], list[Source]]:
-    """Splits a domain's files into training and validation files, keeping their order.
+def split_by_file(
+    key: str, sources: list[Source], val_fraction: float, test_fraction: float = 0.0
+) -> tuple[list[Source], list[Source], list[Source]]:
+    """Splits a domain's files into training, validation and test files, keeping their order.
 
     A file is a validation file when its split coordinate (:func:`file_hash` of its ``name``) is below
-    ``val_fraction``; when none is, the one with the smallest coordinate is, so validation is never empty. The
-    split depends on each file's name only: adding or removing other files moves no file across it.
+    ``val_fraction``; when none is, the one with the smallest coordinate is, so validation is never empty. A file
+    is a test file when its coordinate lies in ``[val_fraction, val_fraction + test_fraction)``; when none does
+    (and ``test_fraction`` > 0), the remaining file with the smallest coordinate is. The validation files do not
+    depend on ``test_fraction``, and the split depends on each file's name only: adding or removing other files
+    moves no file across it.
 
     Raises:
-        ValueError: If a file has no ``name`` or the domain has fewer than two files.
+        ValueError: If a file has no ``name`` or the domain has too few files for its splits.
     """
     if any(source.name is None for source in sources):
         raise ValueError(
@@ -131,13 +136,19 @@ def split_by_file(key: str, sources: list[Source], val_fraction: float) -> tuple
             "give them their own domain"
         )
     coordinate = {source.name: file_hash(source.name)[1] for source in sources}
-    if len(coordinate) < 2:
-        raise ValueError(f"data.domains.{key}: splitting by file needs ≥ 2 files, found {len(coordinate)}")
+    needed = 3 if test_fraction > 0 else 2
+    if len(coordinate) < needed:
+        raise ValueError(f"data.domains.{key}: splitting by file needs ≥ {needed} files, found {len(coordinate)}")
     held_out = {name for name, value in coordinate.items() if value < val_fraction}
     if not held_out or len(held_out) == len(coordinate):
         held_out = {min(coordinate, key=coordinate.get)}
-    train = [source for source in sources if source.name not in held_out]
-    return train, [source for source in sources if source.name in held_out]
+    rest = {name: value for name, value in coordinate.items() if name not in held_out}
+    tested = {name for name, value in rest.items() if value < val_fraction + test_fraction}
+    if test_fraction > 0 and (not tested or len(tested) == len(rest)):
+        tested = {min(rest, key=rest.get)}
+    train = [source for source in sources if source.name not in held_out and source.name not in tested]
+    val = [source for source in sources if source.name in held_out]
+    return train, val, [source for source in sources if source.name in tested]
 
 
 PRESETS = {"stdlib-code": _stdlib_code, "stdlib-docs": _stdlib_docs, "licenses": _licenses, "python-code": _python_code}

@@ -61,7 +61,8 @@ class PragnosiaLM(LanguageModel):
         n_heads: attention heads.
         num_experts: n, experts in the store.
         num_active_experts: k, experts per token.
-        objective: ``local`` or ``exact`` (above).
+        objective: ``local`` (each expert learns from its own loss on its own tokens; one store read per touched
+            expert per step) or ``exact`` (every update equals GlobalMoE's global backpropagation; two reads).
         expert_slots: optional cap S on the distinct experts of a training step (k ≤ S ≤ n): the S with the most
             router mass over the batch, each token its top-k inside them. ``None``: each token its top-k of all n.
             Evaluation and generation never cap (each token its own top-k: causal).
@@ -90,7 +91,7 @@ class PragnosiaLM(LanguageModel):
             trains m experts of its own, which no later domain touches, and keeps a copy of the shared parts as they
             were at its end; evaluation averages the domains' models by their posterior given the prefix. Domain
             switches come from ``on_domain_switch`` (``callbacks.DomainSwitcher`` calls it). ``None``: one set of
-            experts and shared parts for all data (DESIGN §3 as written).
+            experts and shared parts for all data.
         host_tier_bytes: ``disk``/``direct``: host memory (bytes) for the most recently written records between the
             file and the device slots, written to the file when evicted and before every snapshot (a store larger
             than RAM then reads its hot experts from memory); 0: none.
@@ -228,6 +229,17 @@ class PragnosiaLM(LanguageModel):
         ``expert_updates``, bytes moved, cache hits."""
         stats = self.residency.memory_stats()
         return {**stats, "expert_updates": float(self.rule.updates)} if stats else stats
+
+    def learning_rates(self) -> dict[str, float]:
+        """Learning rates of the optimizers Lightning does not step, for ``callbacks.LearningRates``: ``experts``,
+        the rate the per-expert optimizer applies at the next update."""
+        return {"experts": float(self.layout.optimizer.lr)}
+
+    def parameters_in_store(self) -> dict[str, int]:
+        """Expert parameters in the store, which ``self.parameters()`` does not hold, for
+        ``callbacks.StoreModelSummary``: ``total`` (all n experts) and ``active`` (the k experts of one token)."""
+        num_params = self.layout.num_params
+        return {"total": self.hparams.num_experts * num_params, "active": self.hparams.num_active_experts * num_params}
 
     # ----------------------------------------------------------------------------------------------- training
 
@@ -469,6 +481,19 @@ class PragnosiaLM(LanguageModel):
                 log_probs.append(F.log_softmax(self._logits(tokens, domain.experts).float(), dim=-1))
         return self.consolidation.mix(log_probs, tokens)  # (B, T, V)
 
+    @override
+    def next_token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits (V,) of the token after ``tokens`` (1, T), for generation. With one expert layer on top of the
+        blocks: the blocks over every position, the experts at the last one only (a token's experts see only its own
+        ``h``), so a generated token reads k experts, not those of every position. Expert layers inside the blocks
+        feed later blocks' attention at every position, and ``experts_per_domain``'s posterior needs every position:
+        the full forward."""
+        top_only = len(self.routers) == 1 and self.segments[-1][0] == self.segments[-1][1]
+        if not top_only or (self.consolidation is not None and self.consolidation.eval_domains()):
+            return self(tokens)[0, -1]  # (V,)
+        h = self.backbone.trunk(tokens)[:, -1]  # (1, d)
+        return self.backbone.logits(h + self._expert_mixture(0, h))[0]  # (V,)
+
     def _logits(self, tokens: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V): block by block, each expert layer a mixture of each token's own top-k experts (among
         ``candidates``), so no token's experts depend on later tokens."""
@@ -485,7 +510,8 @@ class PragnosiaLM(LanguageModel):
         groups = self.routers[layer](h, candidates=candidates).groups()
         dtype = compute_dtype(h.device)
         expert_out = h.new_empty(groups.token_idx.numel(), h.size(1))  # (N·k, d)
-        for position, (_, record) in enumerate(self.experts().stream(self._global_ids(layer, groups.expert_ids))):
+        stream = self.experts().stream(self._global_ids(layer, groups.expert_ids), params_only=True)  # no update
+        for position, (_, record) in enumerate(stream):
             rows = groups.rows(position)
             expert_out[rows] = self.layout.forward(self.layout.split(record)[0], h[groups.token_idx[rows]], dtype)
         return torch.zeros_like(h).index_add(0, groups.token_idx, groups.gates[:, None] * expert_out)  # (N, d)

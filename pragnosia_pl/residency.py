@@ -245,6 +245,10 @@ class ExpertResidency:
 def _check_creatable(directory: Path) -> None:
     """Raise ``ValueError`` naming ``model.store_dir`` unless ``directory`` exists or can be made (what this makes
     to find out, it removes: a run that fails later leaves nothing behind)."""
+    blocking = next((folder for folder in [directory, *directory.parents] if folder.is_file()), None)
+    if blocking is not None:
+        what = "is a file" if blocking == directory else f"lies under a file ({blocking})"
+        raise ValueError(f"model.store_dir ({directory}) {what}, not a folder: give a folder for the expert store")
     missing = [folder for folder in [directory, *directory.parents] if not folder.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)

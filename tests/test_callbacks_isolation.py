@@ -40,11 +40,13 @@ def test_import_works_without_pragnosia_pl():
         "sys.modules['pragnosia_pl'] = None  # any import of it now raises ImportError\n"
         "import callbacks\n"
         "from callbacks import ConstantMemoryGuard, DomainSwitcher, MemoryGrowthError, MemoryMonitor\n"
+        "from callbacks import LearningRates, StoreModelSummary, TokenThroughput\n"
         "MemoryMonitor(); ConstantMemoryGuard(); DomainSwitcher([{'domain': 'a', 'epochs': 1}])\n"
+        "LearningRates(); StoreModelSummary(); TokenThroughput()\n"
         "assert issubclass(MemoryGrowthError, RuntimeError)\n"
         "assert sorted(callbacks.__all__) == "
-        "['ConstantMemoryGuard', 'DomainSwitcher', 'MemoryGrowthError', 'MemoryMonitor', 'process_peak_rss', "
-        "'read_memory']\n"
+        "['ConstantMemoryGuard', 'DomainSwitcher', 'LearningRates', 'MemoryGrowthError', 'MemoryMonitor', "
+        "'StoreModelSummary', 'TokenThroughput', 'count_tokens', 'process_peak_rss', 'read_memory']\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -1,11 +1,18 @@
 """The `pragnosia` command takes Lightning's usual flags with every shipped config, and reports a bad value in one
 line that names its key."""
 
+import hashlib
+import math
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
+from pragnosia_pl import PragnosiaLM
 from pragnosia_pl.cli import main, run_cli
 from pragnosia_pl.lm_base import MAX_LEN
 
@@ -123,9 +130,71 @@ def test_unwritable_store_dir_is_one_line_before_any_work(capsys):
     assert err.startswith("pragnosia: error: model.store_dir") and err.count("\n") == 1, err
 
 
-def test_a_block_longer_than_the_rotary_table_is_one_line_naming_data_block_size(capsys):
-    err = pragnosia_error(capsys, *TINY_RUN, "--data.block_size", str(MAX_LEN + 1))
+def test_a_block_longer_than_the_rotary_table_is_one_line_naming_data_block_size_before_any_data_is_read(capsys):
+    """The domain does not exist: reporting the block size, not the domain, shows that no file was read first."""
+    args = [*TINY_RUN, "--data.block_size", str(MAX_LEN + 1), "--data.domains", "{a: nowhere/*.txt}"]
+    err = pragnosia_error(capsys, *args)
     assert err == (
-        f"pragnosia: error: a sequence of {MAX_LEN + 1} tokens exceeds the {MAX_LEN} positions of the model's "
+        f"pragnosia: error: data.block_size ({MAX_LEN + 1}) exceeds the {MAX_LEN} positions of the model's "
         f"rotary table: data.block_size must be ≤ {MAX_LEN}\n"
     )
+
+
+@pytest.mark.parametrize("where", ["file", "file/store"])
+def test_a_store_dir_that_is_a_file_says_so(tmp_path, capsys, where):
+    (tmp_path / "file").write_text("not a folder")
+    err = pragnosia_error(capsys, *TINY_RUN, "--model.store_dir", where)
+    what = "is a file" if where == "file" else "lies under a file (file)"
+    assert (
+        err == f"pragnosia: error: model.store_dir ({where}) {what}, not a folder: give a folder for the expert store\n"
+    )
+
+
+# --- subcommands ---------------------------------------------------------------------------------------------
+
+
+def test_help_lists_exactly_the_subcommands_that_run(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage == "usage: pragnosia [-c CONFIG] {fit,validate,test,generate,score} ...", usage
+
+
+def unique_text(path: Path, seed: str) -> str:
+    """Lines of hex digests: no two blocks of it hold the same bytes."""
+    path.write_text("".join(hashlib.sha256(f"{seed}{i}".encode()).hexdigest() + "\n" for i in range(400)))
+    return str(path)
+
+
+def block_texts(dataset) -> set[bytes]:
+    return {bytes(x.tolist()) + bytes(y[-1:].tolist()) for x, y in (dataset[i] for i in range(len(dataset)))}
+
+
+def test_test_reports_bpb_per_domain_on_a_split_never_trained_or_validated_on(tmp_path):
+    domains = f"{{alpha: {unique_text(tmp_path / 'a.txt', 'a')}, beta: {unique_text(tmp_path / 'b.txt', 'b')}}}"
+    run = ["--config", str(QUICKSTART), *TINY_RUN, "--data.domains", domains, "--trainer.enable_progress_bar", "false"]
+    main(["fit", *run])
+    cli = run_cli(["test", *run, "--ckpt_path", "last"])
+    metrics, data, model = cli.trainer.callback_metrics, cli.datamodule, cli.model.eval()
+    for i, name in enumerate(["alpha", "beta"]):
+        test, val, train = data.test_dataloader()[i].dataset, data.val_dataloader()[i].dataset, data._train[name]
+        assert len(test) > 0 and not block_texts(test) & (block_texts(train) | block_texts(val))
+        x, y = (torch.stack(parts) for parts in zip(*(test[j] for j in range(len(test)))))  # (N, T) each
+        with torch.no_grad():  # the reference: every test block, from the checkpoint's weights
+            bpb = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item() / math.log(2)
+        assert metrics[f"test/bpb/{name}"].item() == pytest.approx(bpb, rel=1e-5)
+    assert "test/bpb" in metrics
+
+
+def test_predict_is_not_a_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", str(QUICKSTART)])
+    assert "predict" in capsys.readouterr().err
+
+
+def test_model_summary_counts_the_experts_in_the_store(caplog):
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(QUICKSTART), *TINY_RUN[:-2], "--trainer.enable_progress_bar", "false"])
+    per_expert = sum(p.numel() for p in PragnosiaLM(**TINY).build_expert().parameters())  # d=16, 4·16 hidden
+    in_store = 4 * per_expert  # --model.num_experts 4
+    assert f"{get_human_readable_count(in_store):<10}Params in the store" in caplog.text, caplog.text

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pragnosia_pl.cli import run_cli
 from pragnosia_pl.lm_base import LanguageModel
@@ -57,3 +58,26 @@ def test_lightning_configuration_error_is_one_line(tmp_path):
         "callbacks list.\n"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_lm_recipe_trains_three_steps_at_a_tiny_width(tmp_path, monkeypatch):
+    """configs/lm.yaml (issue 22): expert layers in every other block, a trained BPE, warmup plus cosine, bf16-mixed;
+    3 steps at width 32 on a small slice of the standard library (the recipe's own corpus and width are a GPU's)."""
+    from pragnosia_pl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PRAGNOSIA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["pragnosia"])
+    lm = Path(__file__).resolve().parents[1] / "configs" / "lm.yaml"
+    main(["fit", "--config", str(lm), "--model.d_model", "32", "--model.n_shared_layers", "4", "--model.n_heads", "2",
+          "--model.num_experts", "8", "--model.micro_batch", "2", "--data.domains", "{code: stdlib-code}",
+          "--data.tokenizer", "bpe:300", "--data.max_bytes_per_domain", "200000", "--data.block_size", "32",
+          "--data.batch_size", "4", "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+          "--trainer.limit_val_batches", "1", "--trainer.accelerator", "cpu",
+          "--trainer.default_root_dir", "lm"])  # fmt: skip
+    checkpoint = torch.load(tmp_path / "lm" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert checkpoint["hyper_parameters"]["expert_layers"] == "every_other"
+    assert checkpoint["state_dict"]["backbone.embed.weight"].shape == (300, 32)  # the vocabulary from the data
+    assert checkpoint["lr_schedulers"][0]["total_steps"] == 3  # warmup plus cosine over the run
+    assert "tokenizer" in checkpoint

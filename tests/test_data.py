@@ -74,17 +74,43 @@ def test_batches_are_shifted_long_blocks(corpus):
 
 
 def test_split_is_deterministic_disjoint_and_sized(corpus):
-    dm, again, other = make(corpus), make(corpus), make(corpus, seed=1)
+    dm, again, other = make(corpus, test_fraction=0.05), make(corpus, test_fraction=0.05), make(corpus, seed=1)
     for i, name in enumerate(dm.val_domain_names):
-        train, val = dm._train[name], dm.val_dataloader()[i].dataset
+        train, val, test = dm._train[name], dm.val_dataloader()[i].dataset, dm.test_dataloader()[i].dataset
         num_blocks = len(val.tokens) // 17
         assert not block_starts(train) & block_starts(val)
-        assert block_starts(train) | block_starts(val) == set(range(num_blocks))
-        assert len(val) == math.ceil(0.1 * num_blocks)
+        assert not (block_starts(train) | block_starts(val)) & block_starts(test)
+        assert block_starts(train) | block_starts(val) | block_starts(test) == set(range(num_blocks))
+        assert len(val) == math.ceil(0.1 * num_blocks) and len(test) == math.ceil(0.05 * num_blocks)
         assert block_starts(again.val_dataloader()[i].dataset) == block_starts(val)
+        assert block_starts(again.test_dataloader()[i].dataset) == block_starts(test)
         assert block_starts(other.val_dataloader()[i].dataset) != block_starts(val)
         assert dm.num_tokens(name, "train") == len(train) * 16
         assert dm.num_tokens(name, "val") == len(val) * 16
+        assert dm.num_tokens(name, "test") == len(test) * 16
+
+
+def block_texts(dataset) -> set[bytes]:
+    return {bytes(x.tolist()) + bytes(y[-1:].tolist()) for x, y in (dataset[i] for i in range(len(dataset)))}
+
+
+def test_test_split_leaves_validation_as_it_was_and_shares_no_block_of_text(corpus):
+    """The validation blocks are those of a split without a test share (as before the test split existed); the
+    test blocks come out of the training blocks, and no test block's text is a training or validation block's (on
+    text whose blocks are all different: real text repeats itself, e.g. licence headers)."""
+    unique = "".join(hashlib.sha256(str(i).encode()).hexdigest() + "\n" for i in range(100))
+    (corpus / "unique.txt").write_text(unique)
+    domains = {"alpha": str(corpus / "unique.txt"), "beta": [str(corpus / "b" / "notes.md")]}
+    without, dm = make(corpus, domains=domains, test_fraction=0.0), make(corpus, domains=domains, test_fraction=0.2)
+    assert len(block_texts(without._train["alpha"])) == len(without._train["alpha"])  # no text repeats
+    for i, name in enumerate(dm.val_domain_names):
+        val, test = dm.val_dataloader()[i].dataset, dm.test_dataloader()[i].dataset
+        assert block_starts(val) == block_starts(without.val_dataloader()[i].dataset)
+        assert block_starts(test) | block_starts(dm._train[name]) == block_starts(without._train[name])
+        if name == "alpha":
+            assert len(test) > 0 and not block_texts(test) & (block_texts(val) | block_texts(dm._train[name]))
+    with pytest.raises(ValueError, match=r"data\.test_fraction is 0: there is no test split"):
+        without.test_dataloader()
 
 
 def test_max_bytes_per_domain_truncates_in_file_order(corpus):
@@ -205,8 +231,8 @@ def test_missing_licenses_and_small_or_unknown_selections(corpus, monkeypatch):
     dm = make(corpus)
     with pytest.raises(ValueError, match=r"unknown domain 'gamma'; domains: alpha, beta"):
         dm.set_domain("gamma")
-    with pytest.raises(ValueError, match=r"unknown split 'test'; splits: train, val"):
-        dm.num_tokens("alpha", "test")
+    with pytest.raises(ValueError, match=r"unknown split 'eval'; splits: train, val, test"):
+        dm.num_tokens("alpha", "eval")
     with pytest.raises(RuntimeError, match=r"call setup\(\) first"):
         TextDomains(cache_dir=str(corpus / "cache")).train_dataloader()
     dm = make(corpus, batch_size=500)
@@ -345,13 +371,14 @@ def python_tree(prefix, names):
 
 
 def split_names(monkeypatch, tmp_path, prefix, library, **kwargs):
-    """(train names, val names): the files whose lines appear in each split's bytes."""
+    """(train names, val names, test names): the files whose lines appear in each split's bytes."""
     sources = lambda: domains_module.python_code_sources([prefix], [library])  # noqa: E731
     monkeypatch.setitem(domains_module.PRESETS, "python-code", sources)
     kwargs = dict(dict(block_size=16, batch_size=2, val_fraction=0.25, cache_dir=str(tmp_path / "cache")), **kwargs)
     dm = TextDomains({"code": "python-code"}, **kwargs)
     dm.setup("fit")
     streams = [bytes(dm._train["code"].tokens.numpy()), bytes(dm.val_dataloader()[0].dataset.tokens.numpy())]
+    streams.append(bytes(dm._test["code"].tokens.numpy()) if len(dm._test["code"]) else b"")
     return [{line.split()[1] for line in s.decode().splitlines() if line.startswith("# ")} for s in streams], dm
 
 
@@ -360,18 +387,25 @@ NAMES = [f"pkg/mod{i:02d}.py" for i in range(40)] + ["other/deep/x.py", "top.py"
 
 def test_python_code_splits_by_file_with_a_stable_hash_of_the_relative_name(tmp_path, monkeypatch):
     library = python_tree(tmp_path / "one", NAMES)
-    (train, val), dm = split_names(monkeypatch, tmp_path, tmp_path / "one", library)
-    assert train and val and not train & val
-    assert train | val == set(NAMES)  # not __pycache__, not .txt
+    (train, val, test), dm = split_names(monkeypatch, tmp_path, tmp_path / "one", library, test_fraction=0.25)
+    assert train and val and test and not train & val and not (train | val) & test
+    assert train | val | test == set(NAMES)  # not __pycache__, not .txt
     # the reference: sha256 of the name relative to site-packages, bytes 8..16 as a fraction
-    expected = {n for n in NAMES if int.from_bytes(hashlib.sha256(n.encode()).digest()[8:16], "big") < 0.25 * 2**64}
-    assert val == expected
+    coordinate = {n: int.from_bytes(hashlib.sha256(n.encode()).digest()[8:16], "big") / 2**64 for n in NAMES}
+    assert val == {n for n, c in coordinate.items() if c < 0.25}
+    assert test == {n for n, c in coordinate.items() if 0.25 <= c < 0.5}
     assert dm.summary()["code"]["val_blocks"] == len(dm.val_dataloader()[0].dataset) > 0
+    assert dm.summary()["code"]["test_blocks"] == len(dm.test_dataloader()[0].dataset) > 0
+    (_, val_alone, no_test), _ = split_names(monkeypatch, tmp_path, tmp_path / "one", library, test_fraction=0.0)
+    assert val_alone == val and not no_test  # the validation files do not depend on the test share
 
     # elsewhere on disk, files created in another order, one more file: no file changes sides
     library = python_tree(tmp_path / "elsewhere" / "two", list(reversed(NAMES)) + ["pkg/new.py"])
-    (train_two, val_two), _ = split_names(monkeypatch, tmp_path, tmp_path / "elsewhere" / "two", library)
-    assert val_two - {"pkg/new.py"} == val and train_two - {"pkg/new.py"} == train
+    (train_two, val_two, test_two), _ = split_names(
+        monkeypatch, tmp_path, tmp_path / "elsewhere" / "two", library, test_fraction=0.25
+    )
+    new = {"pkg/new.py"}
+    assert val_two - new == val and train_two - new == train and test_two - new == test
 
 
 def test_python_code_names_are_relative_to_the_deepest_library_folder(tmp_path):
@@ -385,10 +419,11 @@ def test_python_code_names_are_relative_to_the_deepest_library_folder(tmp_path):
 
 def test_python_code_cap_is_shared_between_the_splits(tmp_path, monkeypatch):
     library = python_tree(tmp_path / "one", NAMES)
-    (train, val), dm = split_names(monkeypatch, tmp_path, tmp_path / "one", library, max_bytes_per_domain=4000)
+    (train, val, test), dm = split_names(monkeypatch, tmp_path, tmp_path / "one", library, max_bytes_per_domain=4000)
     assert dm.summary()["code"]["bytes"] <= 4000
-    assert len(dm._train["code"].tokens) == 3000 and len(dm._val["code"].tokens) == 1000
-    assert train and val and not train & val
+    assert len(dm._val["code"].tokens) == 1000 and len(dm._test["code"].tokens) == 200  # 0.25 and 0.05 of 4000
+    assert len(dm._train["code"].tokens) == 2800
+    assert train and val and test and not train & val and not (train | val) & test
     with pytest.raises(ValueError, match=r"data\.domains\.code: its validation files give 10 bytes"):
         split_names(monkeypatch, tmp_path, tmp_path / "one", library, max_bytes_per_domain=40)
 
@@ -414,7 +449,7 @@ def test_python_code_cannot_share_a_domain_or_hold_one_file(tmp_path, monkeypatc
     monkeypatch.setitem(
         domains_module.PRESETS, "python-code", lambda: domains_module.python_code_sources([tmp_path / "one"], [library])
     )
-    with pytest.raises(ValueError, match=r"data\.domains\.code: splitting by file needs ≥ 2 files, found 1"):
+    with pytest.raises(ValueError, match=r"data\.domains\.code: splitting by file needs ≥ 3 files, found 1"):
         TextDomains({"code": "python-code"}, block_size=4, cache_dir=str(tmp_path / "cache")).setup("fit")
     mixed = {"code": ["python-code", str(corpus / "b" / "notes.md")]}
     with pytest.raises(ValueError, match=r"data\.domains\.code: python-code is split by file and cannot share"):
