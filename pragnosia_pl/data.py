@@ -141,6 +141,16 @@ class DomainText(NamedTuple):
         return [stream[run[0] * self.block_bytes : (run[-1] + 1) * self.block_bytes].tobytes() for run in runs]
 
 
+class LoadedDomains(NamedTuple):
+    """What :meth:`TextDomains.setup` keeps: per domain its bytes read and its blocks; and the tokenizer."""
+
+    num_bytes: dict[str, int]
+    train: dict[str, BlockDataset]
+    val: dict[str, BlockDataset]
+    test: dict[str, BlockDataset]
+    tokenizer: Tokenizer
+
+
 def _default_cache_dir() -> str:
     return os.environ.get("PRAGNOSIA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pragnosia")
 
@@ -254,7 +264,7 @@ class TextDomains(pl.LightningDataModule):
             self._tokenizer = ByteTokenizer()
         elif kind == "file":
             self._tokenizer = load_tokenizer_file(tokenizer)
-        self._prepared: tuple | None = None
+        self._prepared: LoadedDomains | None = None
         self.active_domain: str | None = None
         self._num_bytes: dict[str, int] = {}
         self._train: dict[str, BlockDataset] = {}
@@ -302,7 +312,8 @@ class TextDomains(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self._num_bytes:
             return
-        (num_bytes, train, val, test, tokenizer), self._prepared = self._prepared or self._load_all(), None
+        loaded, self._prepared = self._prepared or self._load_all(), None
+        num_bytes, train, val, test = loaded.num_bytes, loaded.train, loaded.val, loaded.test
         lines = []
         for key in self.domains:
             size = f"{num_bytes[key] / 1e6:.1f} MB" if num_bytes[key] >= 100_000 else f"{num_bytes[key] / 1e3:.1f} kB"
@@ -310,11 +321,11 @@ class TextDomains(pl.LightningDataModule):
                 f"{key} {size} ({len(train[key]):,} train / {len(val[key]):,} val / {len(test[key]):,} test blocks)"
             )
         self._num_bytes, self._train, self._val, self._test = num_bytes, train, val, test
-        self._tokenizer = tokenizer
-        vocabulary = "" if isinstance(tokenizer, ByteTokenizer) else f"; tokenizer {self.tokenizer_spec}"
+        self._tokenizer = loaded.tokenizer
+        vocabulary = "" if isinstance(loaded.tokenizer, ByteTokenizer) else f"; tokenizer {self.tokenizer_spec}"
         rank_zero_info("data: " + ", ".join(lines) + vocabulary)
 
-    def _load_all(self) -> tuple[dict[str, int], dict, dict, dict, Tokenizer]:
+    def _load_all(self) -> LoadedDomains:
         """Every domain's bytes read and split, the tokenizer (a BPE trained on the training text of every domain),
         and the training, validation and test blocks of every domain."""
         texts = {key: self._read(key) for key in self.domains}
@@ -325,7 +336,7 @@ class TextDomains(pl.LightningDataModule):
         train, val, test = {}, {}, {}
         for key, text in texts.items():
             train[key], val[key], test[key] = self._blocks(key, text, tokenizer)
-        return {key: text.num_bytes for key, text in texts.items()}, train, val, test, tokenizer
+        return LoadedDomains({key: text.num_bytes for key, text in texts.items()}, train, val, test, tokenizer)
 
     def _read(self, key: str) -> DomainText:
         """The bytes of domain ``key`` and their training/validation/test split: a seeded split of its blocks (the

@@ -330,7 +330,7 @@ def test_fit_trains_the_bpe_once_and_reuses_it(tmp_path, monkeypatch, bpe_traini
     assert bpe_trainings == [300] and first.model.backbone.embed.weight.shape[0] == 300
     cached = {path: path.stat().st_mtime_ns for path in (tmp_path / "cache" / "tokenizers").iterdir()}
     cached.update({path: path.stat().st_mtime_ns for path in (tmp_path / "cache" / "tokens").iterdir()})
-    assert len(cached) == 1 + 4  # the BPE; two splits of two domains; no temporary file left
+    assert len(cached) == 1 + 6  # the BPE; three splits (train, val, test) of two domains; no temporary file left
     second = run_cli([*args, "--trainer.default_root_dir", "b"])
     assert bpe_trainings == [300]  # reused: not trained again
     assert {path: path.stat().st_mtime_ns for path in cached} == cached
