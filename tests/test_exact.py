@@ -106,7 +106,9 @@ def test_exact_equals_global_moe(tmp_path, store, cache, grad_clip, expert_layer
         assert ours.layout.optimizer.lr == pytest.approx(lr * WarmupCosine(_sgd(), 2, 5, 0.1).factor(4))
     if tier_records:
         stats = ours.store.stats()
-        assert stats["tier_hits"] > 0 and stats["tier_evictions"] > 0 and stats["backing_writes"] > 0
+        assert stats["tier_hits"] > 0 and stats["backing_writes"] > 0  # served from the tier, written to the file
+        if expert_layers == "top":  # (2 layers: admission by write count sends most records past a full tier)
+            assert stats["tier_evictions"] > 0
 
 
 @pytest.mark.parametrize("expert_layers", ["top", "every_other"])
