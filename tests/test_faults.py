@@ -575,10 +575,11 @@ class PoisonedExact(PragnosiaLM):
         super().__init__(objective="exact", **kwargs)
         self.steps = steps
 
-    def _second_pass(self, cache, groups, h_in, grad_z):
+    def _second_pass(self, *args):
+        *layer_step_groups_inputs, grad_z = args
         if self.global_step in self.steps:
             grad_z = torch.full_like(grad_z, float("nan"))
-        return super()._second_pass(cache, groups, h_in, grad_z)
+        return super()._second_pass(*layer_step_groups_inputs, grad_z)
 
 
 def test_non_finite_exact_expert_gradient_is_skipped_counted_and_not_written(tiny, tmp_path):

@@ -91,7 +91,7 @@ def test_top_p_keeps_the_smallest_set_of_bytes_that_reaches_the_mass():
     ("args", "message"),
     [
         (["--temperature", "-1"], "--temperature (-1.0) must be ≥ 0 and finite (0: greedy)"),
-        (["--top_k", "-2"], "--top_k (-2) must be ≥ 0 (0: all 256 bytes)"),
+        (["--top_k", "-2"], "--top_k (-2) must be ≥ 0 (0: the whole vocabulary)"),
         (["--top_p", "0"], "--top_p (0.0) must be in (0, 1] (1: off)"),
         (["--top_p", "1.5"], "--top_p (1.5) must be in (0, 1] (1: off)"),
         (["--max_new_tokens", "0"], "--max_new_tokens (0) must be ≥ 1"),

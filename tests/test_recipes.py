@@ -18,7 +18,7 @@ TINY_MODEL = [
     "--model.init_args.n_heads",
     "2",
     "--model.init_args.n_shared_layers",
-    "1",
+    "2",  # lm.yaml's expert layers in every other block need two
 ]
 TINY_DATA = ["--data.init_args.block_size", "32", "--data.init_args.batch_size", "2"]
 TINY_DATA += ["--data.init_args.max_bytes_per_domain", "40000"]

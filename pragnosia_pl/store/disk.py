@@ -129,7 +129,8 @@ class DiskStore(ExpertStore):
         if self._closed:
             return
         super().close()
-        self._release()
+        self._release.detach()  # closed here, waiting for the worker, not by the collector
+        _release_disk_store(self._worker, self._fd, wait=True)
 
     def __repr__(self) -> str:
         return (
@@ -296,9 +297,19 @@ def _open_records(path: Path, direct: bool) -> int:
         raise
 
 
-def _release_disk_store(worker: ThreadPoolExecutor, fd: int) -> None:
-    worker.shutdown(wait=True)
-    os.close(fd)
+def _release_disk_store(worker: ThreadPoolExecutor, fd: int, wait: bool = False) -> None:
+    """The worker stopped and the file closed after every operation queued before. The garbage collector calls
+    this without ``wait``: it may run inside threading's own bookkeeping (a new thread's start holds the lock that
+    joining a thread takes), where waiting for the worker deadlocks; the worker then closes the file itself."""
+    if wait:
+        worker.shutdown(wait=True)
+        os.close(fd)
+        return
+    try:
+        worker.submit(os.close, fd)
+    except RuntimeError:  # already shut down: nothing is queued
+        os.close(fd)
+    worker.shutdown(wait=False)
 
 
 def _ready_event(buffer: torch.Tensor) -> torch.cuda.Event | None:
