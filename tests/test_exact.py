@@ -228,9 +228,10 @@ def stream_reads(stream: list[int], capacity: int, resident: OrderedDict, whole:
 def test_store_reads_are_what_the_cache_implies(tmp_path, monkeypatch, objective, expert_layers, cache):
     """DESIGN §4 invariant 7, exactly: the reads of every step equal those of ``expert_cache`` slots over the step's
     passes, written out here (local: each layer's experts in id order; exact: that, parameters only, then each
-    layer's again in descending order, last layer first, so the last experts of pass 1 need only their state). So a lost hit fails (pass 2
-    ascending reads about 2x), as does a read too many; disk store, ~10 experts a layer. Without prefetch, whose
-    reads ahead may be evicted unused when slots are few (its bound is the test below)."""
+    layer's again in descending order, last layer first, so the last experts of pass 1 need only their state).
+    So a lost hit fails (mutation seen failing: pass 2 ascending), as does a read too many (pass 1 reading whole
+    records); disk store, ~10 experts a layer. Without prefetch, whose reads ahead may be evicted unused when slots
+    are few (its bound is the test below)."""
     monkeypatch.setattr(ExpertCache, "prefetch", lambda self, *args, **kwargs: None)
     model = PragnosiaLM(
         **{**SHAPE, "n_shared_layers": 1 if expert_layers == "top" else 4},
