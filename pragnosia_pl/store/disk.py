@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import errno
 import mmap
 import os
@@ -89,6 +90,7 @@ class DiskStore(ExpertStore):
         self.state_offset = _round_up(self.part_bytes("params"), self.align)
         self.stride = self.state_offset + _round_up(self.part_bytes("state"), self.align)  # one record to the next
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        release_unreleased()  # a dropped store of this file may still hold its lock
         self._fd = _open_records(self.path, direct)
         try:
             _lock_exclusively(self._fd, self.path)
@@ -102,7 +104,7 @@ class DiskStore(ExpertStore):
         self._io = dict(read_seconds=0.0, write_seconds=0.0, file_bytes_read=0)  # worker thread only
         self._crc: dict[int, tuple[int, int]] = {}  # materialized id -> xxh3-64 of (params, state); worker only
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pragnosia-disk-store")
-        self._release = weakref.finalize(self, _release_disk_store, self._worker, self._fd)
+        self._release = weakref.finalize(self, _defer_release, self._worker, self._fd)
         self._staging: torch.Tensor | None = None  # pinned; CUDA buffers pass through it
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -130,7 +132,8 @@ class DiskStore(ExpertStore):
             return
         super().close()
         self._release.detach()  # closed here, waiting for the worker, not by the collector
-        _release_disk_store(self._worker, self._fd, wait=True)
+        _release_disk_store(self._worker, self._fd)
+        release_unreleased()
 
     def __repr__(self) -> str:
         return (
@@ -297,19 +300,30 @@ def _open_records(path: Path, direct: bool) -> int:
         raise
 
 
-def _release_disk_store(worker: ThreadPoolExecutor, fd: int, wait: bool = False) -> None:
-    """The worker stopped and the file closed after every operation queued before. The garbage collector calls
-    this without ``wait``: it may run inside threading's own bookkeeping (a new thread's start holds the lock that
-    joining a thread takes), where waiting for the worker deadlocks; the worker then closes the file itself."""
-    if wait:
-        worker.shutdown(wait=True)
-        os.close(fd)
-        return
-    try:
-        worker.submit(os.close, fd)
-    except RuntimeError:  # already shut down: nothing is queued
-        os.close(fd)
-    worker.shutdown(wait=False)
+def _release_disk_store(worker: ThreadPoolExecutor, fd: int) -> None:
+    """Stop the worker after every operation queued before, then close the file."""
+    worker.shutdown(wait=True)
+    os.close(fd)
+
+
+# Stores the garbage collector dropped, released outside it. A finalizer may run inside threading's or
+# concurrent.futures' own locked sections (a new thread's start, another executor's submit), where joining the worker
+# or submitting to it deadlocks (both were seen hanging the suite); so it only records the store, and the next store
+# built, a store closed, or the interpreter's exit releases it.
+_UNRELEASED: list[tuple[ThreadPoolExecutor, int]] = []
+
+
+def _defer_release(worker: ThreadPoolExecutor, fd: int) -> None:
+    _UNRELEASED.append((worker, fd))  # one atomic list operation: no lock
+
+
+def release_unreleased() -> None:
+    """Release the disk stores the collector dropped (see :data:`_UNRELEASED`)."""
+    while _UNRELEASED:
+        _release_disk_store(*_UNRELEASED.pop())
+
+
+atexit.register(release_unreleased)
 
 
 def _ready_event(buffer: torch.Tensor) -> torch.cuda.Event | None:
