@@ -94,7 +94,7 @@ class ExpertCache:
             pending = [self._start_read(expert_id, slot, "params" if params_only else "record")]
             self._loading.pop(expert_id)
         try:
-            _wait_all([handle for handle in pending if handle is not None])
+            Pending.wait_all([handle for handle in pending if handle is not None])
         except BaseException:
             self._forget(expert_id)
             raise
@@ -160,7 +160,7 @@ class ExpertCache:
             self._write_back(expert_id, self._slot_of[expert_id])
         self._dirty.clear()
         writebacks, self._writebacks = self._writebacks, []
-        _wait_all(writebacks)
+        Pending.wait_all(writebacks)
         self.store.synchronize()
 
     def invalidate(self) -> None:
@@ -179,7 +179,7 @@ class ExpertCache:
         self._dirty.clear()
         self._free_slots = list(range(self.capacity - 1, -1, -1))
         self._current = None
-        _wait_all(writebacks)
+        Pending.wait_all(writebacks)
 
     def resident_ids(self) -> list[int]:
         """Experts that occupy a slot (prefetches in flight included), ascending."""
@@ -252,7 +252,7 @@ class ExpertCache:
         for pending in self._writebacks:
             (finished if pending.done() else in_flight).append(pending)
         self._writebacks = in_flight
-        _wait_all(finished)  # re-raises a failed write-back
+        Pending.wait_all(finished)  # re-raises a failed write-back
 
     def _start_read(self, expert_id: int, slot: int, part: RecordPart) -> Pending:
         pending = self.store.read_async(expert_id, self.slots[slot], part)
@@ -279,15 +279,3 @@ class ExpertCache:
     def _check_id(self, expert_id: int) -> None:
         if not 0 <= expert_id < self.store.num_experts:
             raise IndexError(f"expert id {expert_id} out of range [0, {self.store.num_experts})")
-
-
-def _wait_all(pending: list[Pending]) -> None:
-    """Waits for every handle, then raises the first failure among them: none is dropped unwaited."""
-    failure = None
-    for handle in pending:
-        try:
-            handle.wait()
-        except Exception as error:
-            failure = failure or error
-    if failure is not None:
-        raise failure

@@ -88,6 +88,18 @@ class Pending:
             return False
         return self._event is None or self._event.query()
 
+    @staticmethod
+    def wait_all(pending: list[Pending]) -> None:
+        """Waits for every handle, then raises the first failure among them: none is dropped unwaited."""
+        failure = None
+        for handle in pending:
+            try:
+                handle.wait()
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+
 
 class ExpertStore(ABC):
     """Fixed-size float32 records of ``num_experts`` experts, lazily initialised.

@@ -94,7 +94,7 @@ class HostTier(ExpertStore):
             return
         evictions, self._evictions = self._evictions, []
         self.backing.synchronize()
-        _raise_first_failure(evictions)
+        Pending.wait_all(evictions)
 
     def write_back(self) -> None:
         """Writes every dirty record of the tier to ``backing`` and waits; they stay in the tier, clean."""
@@ -105,7 +105,7 @@ class HostTier(ExpertStore):
         self._tier["writebacks"] += len(writes)
         self._dirty.clear()
         self.synchronize()
-        _raise_first_failure(writes)
+        Pending.wait_all(writes)
 
     def snapshot(self, directory: str | Path) -> None:
         """Writes the dirty records to ``backing`` (:meth:`write_back`), then :meth:`ExpertStore.snapshot`."""
@@ -149,7 +149,7 @@ class HostTier(ExpertStore):
 
     def _write_async(self, expert_id: int, src: torch.Tensor) -> Pending:
         try:
-            _raise_first_failure(self._reap_evictions())
+            Pending.wait_all(self._reap_evictions())
         except Exception as error:  # an earlier eviction's write failed: handed back as this write-back's failure
             failed: Future = Future()
             failed.set_exception(error)
@@ -221,15 +221,3 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, ready: torch.cuda.Event | None, 
         stream.wait_event(ready)
         dst.copy_(src, non_blocking=True)
     stream.synchronize()
-
-
-def _raise_first_failure(pending: list[Pending]) -> None:
-    """Waits for every handle, then raises the first failure among them."""
-    failure = None
-    for handle in pending:
-        try:
-            handle.wait()
-        except Exception as error:
-            failure = failure or error
-    if failure is not None:
-        raise failure
