@@ -86,3 +86,17 @@ def test_a_changed_config_shows_as_a_difference(tmp_path):
     config = quality.QualityConfig.quick(num_experts=(8,))
     model = quality.build_model(config, quality.RunPlan("pragnosia", 8), str(tmp_path / "store"))
     assert differences(model, "streamed.yaml") >= {"objective", "expert_optimizer", "local_lr"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_every_config_takes_lightnings_usual_flags(config, tmp_path, monkeypatch):
+    """bf16-mixed, a command-line scheduler, then --ckpt_path last, with every shipped config (2 steps, then 1 more)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["pragnosia"])
+    flags = ["--trainer.precision", "bf16-mixed", "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1"]
+    args = ["fit", "--config", str(config), *TINY_MODEL, *TINY_DATA, *TWO_STEPS, *flags]
+    args += ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.num_sanity_val_steps", "0"]
+    first = run_cli(args)
+    assert first.trainer.global_step == 2 and first.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2
+    resumed = run_cli([*args, "--trainer.max_steps", "3", "--trainer.limit_train_batches", "3", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 3 and resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3
