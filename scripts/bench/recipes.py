@@ -114,6 +114,15 @@ def step_recorder(tokens_per_step: int):
             self.validation_seconds.append(_now(pl_module.device) - self._start)
             record_bpb(self.curve, trainer, tokens=trainer.global_step * tokens_per_step)
 
+        @override
+        def state_dict(self) -> dict[str, Any]:  # in a checkpoint, so a resumed run keeps its records
+            return {key: getattr(self, key) for key in ("step_seconds", "loss", "validation_seconds", "curve")}
+
+        @override
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            for key, value in state_dict.items():
+                setattr(self, key, list(value))
+
     return Recorder()
 
 
