@@ -131,4 +131,5 @@ class ThroughExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.second_pass(grad), None
+        second_pass, ctx.second_pass = ctx.second_pass, None  # a node that keeps it after its backward leaks it
+        return second_pass(grad), None

@@ -321,7 +321,11 @@ class PragnosiaLM(LanguageModel):
         mixture = torch.zeros_like(h_in).index_add(0, groups.token_idx, groups.gates[:, None] * expert_out)  # (N, d)
         z = h + mixture  # (N, d)
         if self.rule.objective == "exact":  # pass 2, inside the backward: each expert's update, its input gradient
-            z = z + ThroughExperts.apply(h, partial(self._second_pass, layer, step, groups, h_in, kept))
+            # the node holds pass 2 until the backward; nothing it holds may lead back into the graph (the step's
+            # balance losses do, from the second expert layer on): a cycle through autograd's C++ edges, which
+            # Python's collector cannot see, would keep every step's graph alive
+            slim = step._replace(balance_losses=[], local_losses=[], touched=[])
+            z = z + ThroughExperts.apply(h, partial(self._second_pass, layer, slim, groups, h_in, kept))
         step.balance_losses.append(balance_loss)
         step.touched.extend(self._global_ids(layer, groups.expert_ids))
         return z.view(B, T, d)
