@@ -105,10 +105,12 @@ class GlobalMoE(LanguageModel):
             if self.training and torch.is_grad_enabled():
                 self.step_working_set.update(layer * n + expert_id for expert_id in groups.expert_ids)
             inputs = h[groups.token_idx]  # (N·k, d) every (token, expert) pair, grouped by expert
+            # split, not a slice per expert: a slice's backward builds an (N·k, d) gradient for each expert
+            sizes = [stop - start for start, stop in zip(groups.offsets, groups.offsets[1:])]
             outputs = torch.cat(
                 [
-                    self.experts[layer * n + expert_id](inputs[groups.rows(position)])  # (N_e, d)
-                    for position, expert_id in enumerate(groups.expert_ids)
+                    self.experts[layer * n + expert_id](rows)  # (N_e, d)
+                    for expert_id, rows in zip(groups.expert_ids, inputs.split(sizes))
                 ]
             )  # (N·k, d)
             mixture = torch.zeros_like(h).index_add_(0, groups.token_idx, groups.gates[:, None] * outputs)  # (N, d)
