@@ -16,16 +16,16 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from bench.recipes import model_options
 from bench.report import machine_description, page_header
+from bench.throughput import ThroughputConfig, draw_batches, train_window
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # name: (config file, PragnosiaLM overrides); None: GlobalMoE
 RECIPES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "local S=2": ("quickstart.yaml", {}),
@@ -35,11 +35,6 @@ RECIPES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "bounded": ("bounded.yaml", {}),
     "GlobalMoE": None,
 }
-
-
-def model_options(config_file: str) -> dict[str, Any]:
-    """The ``model.init_args`` of a shipped config."""
-    return dict(yaml.safe_load((CONFIGS / config_file).read_text())["model"]["init_args"])
 
 
 @dataclass
@@ -139,22 +134,19 @@ def _counters(model) -> tuple[float, float]:
 
 
 def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: Path, log=print) -> list[dict]:
-    from bench.throughput import train_window
-
     names = [r for r in config.recipes if RECIPES[r] is not None or num_experts <= config.global_moe_max]
     contenders = [Contender(name, num_experts) for name in names]
     for contender in contenders:
         log(f"engine: n={num_experts} building {contender.recipe}")
         contender.model = build(config, contender, root)
     W = config.window_steps
-    timing = _Timing(config)
     timed_batches, batches = (
         batches[: (config.warmup_rounds + config.rounds) * W],
         batches[len(batches) - config.train_before :],
     )
     if config.train_before:
         for contender in contenders:
-            train_window(_Adapter(contender), batches, timing, str(root))
+            train_window(contender.model, batches, str(root))
         log(f"engine: n={num_experts} trained {config.train_before} steps before timing")
     batches = timed_batches
     for round_index in range(config.warmup_rounds + config.rounds):
@@ -162,7 +154,7 @@ def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: 
         shift = round_index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             before = _counters(contender.model)
-            seconds = train_window(_Adapter(contender), window, timing, str(root))
+            seconds = train_window(contender.model, window, str(root))
             if round_index >= config.warmup_rounds:
                 after = _counters(contender.model)
                 contender.step_seconds += seconds
@@ -179,18 +171,6 @@ def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: 
     for result in results:
         result["step_time_vs_global_moe"] = None if global_ms is None else result["step_ms_median"] / global_ms
     return results
-
-
-class _Adapter:
-    """What ``throughput.train_window`` reads of a contender."""
-
-    def __init__(self, contender: Contender) -> None:
-        self.model = contender.model
-
-
-class _Timing:
-    def __init__(self, config: EngineBenchConfig) -> None:
-        self.skip_steps = 1
 
 
 def summarize(config: EngineBenchConfig, contender: Contender) -> dict:
@@ -213,11 +193,7 @@ def summarize(config: EngineBenchConfig, contender: Contender) -> dict:
 
 
 def run(config: EngineBenchConfig, out: Path, log=print, command: str = "") -> dict:
-    import time
-
     import torch
-
-    from bench.throughput import ThroughputConfig, draw_batches
 
     torch.set_num_threads(config.threads)
     count = (config.warmup_rounds + config.rounds) * config.window_steps + config.train_before

@@ -215,15 +215,15 @@ def timing_trainer(steps: int, root: str, callback):
     )
 
 
-def train_window(contender: Contender, batches: list, config: ThroughputConfig, root: str) -> list[float]:
-    """Train ``contender`` on ``batches`` with a fresh ``Trainer``; the timed steps' seconds."""
+def train_window(model, batches: list, root: str, skip_steps: int = 1) -> list[float]:
+    """Train ``model`` on ``batches`` with a fresh ``Trainer``; the seconds of its steps after the first
+    ``skip_steps``."""
+    from torch.utils.data import DataLoader
 
     timer = _step_timer()
     trainer = timing_trainer(len(batches), root, timer)
-    from torch.utils.data import DataLoader
-
-    trainer.fit(contender.model, train_dataloaders=DataLoader(batches, batch_size=None))
-    return timer.seconds[config.skip_steps :]
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    return timer.seconds[skip_steps:]
 
 
 def draw_batches(config: ThroughputConfig, count: int) -> list:
@@ -253,7 +253,7 @@ def run_group(config: ThroughputConfig, num_experts: int, batches: list, root: s
         shift = round_index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             before = _cache_counters(contender)
-            seconds = train_window(contender, window, config, root)
+            seconds = train_window(contender.model, window, root, config.skip_steps)
             if timed:
                 after = _cache_counters(contender)
                 contender.step_seconds += seconds
