@@ -197,13 +197,15 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timing_trainer(steps: int, root: str, callback):
-    """A bare ``Trainer`` for ``steps`` training steps: no logger, checkpoints, progress bar or validation."""
+def timing_trainer(steps: int, root: str, callback, precision: str = "32-true"):
+    """A bare ``Trainer`` for ``steps`` training steps at ``precision``: no logger, checkpoints, progress bar or
+    validation."""
     from lightning.pytorch import Trainer
 
     return Trainer(
         accelerator="auto",
         devices=1,
+        precision=precision,
         max_steps=steps,
         default_root_dir=root,
         logger=False,
@@ -215,13 +217,13 @@ def timing_trainer(steps: int, root: str, callback):
     )
 
 
-def train_window(model, batches: list, root: str, skip_steps: int = 1) -> list[float]:
-    """Train ``model`` on ``batches`` with a fresh ``Trainer``; the seconds of its steps after the first
-    ``skip_steps``."""
+def train_window(model, batches: list, root: str, skip_steps: int = 1, precision: str = "32-true") -> list[float]:
+    """Train ``model`` on ``batches`` with a fresh ``Trainer`` at ``precision``; the seconds of its steps after the
+    first ``skip_steps``."""
     from torch.utils.data import DataLoader
 
     timer = _step_timer()
-    trainer = timing_trainer(len(batches), root, timer)
+    trainer = timing_trainer(len(batches), root, timer, precision)
     trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
     return timer.seconds[skip_steps:]
 
