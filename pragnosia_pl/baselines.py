@@ -25,7 +25,9 @@ class GlobalMoE(LanguageModel):
     One AdamW over all parameters (betas (0.9, 0.95), no weight decay), automatic optimization.
     Same backbone, router and experts as ``PragnosiaLM``, from the same ``seed``; an expert without tokens keeps
     its gradient ``None``, so AdamW neither moves it nor decays its state (the lazy Adam of PragnosiaLM's
-    experts). ``grad_clip`` clips the shared parameters by their own norm and each expert by its own, as
+    experts). Each layer gathers its (token, expert) pairs once, each expert runs on its rows of them, and one
+    scatter adds the gated outputs back. ``grad_clip`` clips the shared parameters by their own norm and each
+    expert routed to since the last optimizer step by its own (one norm and one scaling over all of them), as
     ``PragnosiaLM(objective="exact")`` does: with the same seed, data and clipping the two train identically.
 
     Args:
@@ -85,6 +87,7 @@ class GlobalMoE(LanguageModel):
         self.experts = nn.ModuleList(FeedForward(d_model, hidden) for _ in range(num_experts * len(self.routers)))
         for expert_id, expert in enumerate(self.experts):
             torch.nn.utils.vector_to_parameters(layout.init_params(expert_id), expert.parameters())
+        self.step_working_set: set[int] = set()  # experts (l·n + e) routed to since the last optimizer step
 
     @override
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -93,17 +96,24 @@ class GlobalMoE(LanguageModel):
     def _mix(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.backbone.embed_tokens(tokens)  # (B, T, d)
         balance_losses = []
+        n = self.hparams.num_experts
         for layer, (start, stop) in enumerate(self.segments[:-1]):
             x = self.backbone.run_blocks(x, start, stop)
             h = x.flatten(0, 1)  # (N, d)
             routing = self.routers[layer](h)  # per-token top-k over all n
             groups = routing.groups()
-            mixture = torch.zeros_like(h)  # (N, d)
-            for position, expert_id in enumerate(groups.expert_ids):
-                rows = groups.rows(position)
-                token_idx = groups.token_idx[rows]
-                expert_out = self.experts[layer * self.hparams.num_experts + expert_id](h[token_idx])  # (N_e, d)
-                mixture = mixture.index_add(0, token_idx, groups.gates[rows, None] * expert_out)
+            if self.training and torch.is_grad_enabled():
+                self.step_working_set.update(layer * n + expert_id for expert_id in groups.expert_ids)
+            inputs = h[groups.token_idx]  # (N·k, d) every (token, expert) pair, grouped by expert
+            # split, not a slice per expert: a slice's backward builds an (N·k, d) gradient for each expert
+            sizes = [stop - start for start, stop in zip(groups.offsets, groups.offsets[1:])]
+            outputs = torch.cat(
+                [
+                    self.experts[layer * n + expert_id](rows)  # (N_e, d)
+                    for expert_id, rows in zip(groups.expert_ids, inputs.split(sizes))
+                ]
+            )  # (N·k, d)
+            mixture = torch.zeros_like(h).index_add_(0, groups.token_idx, groups.gates[:, None] * outputs)  # (N, d)
             x = (h + mixture).view_as(x)
             balance_losses.append(routing.balance_loss)
         logits = self.backbone.logits(self.backbone.run_blocks(x, *self.segments[-1]))  # (B, T, V)
@@ -125,11 +135,23 @@ class GlobalMoE(LanguageModel):
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.clip_shared_gradients()
+        touched = [self.experts[expert_id] for expert_id in sorted(self.step_working_set)]
+        self.step_working_set.clear()
         if self.hparams.grad_clip > 0:
-            for expert in self.experts:
-                params = [p for p in expert.parameters() if p.grad is not None]
-                if params:
-                    torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
+            _clip_each_expert(touched, self.hparams.grad_clip)
+
+
+def _clip_each_expert(experts: list[nn.Module], max_norm: float) -> None:
+    """Clip each expert's gradient by its own norm, as ``clip_grad_norm_(expert.parameters(), max_norm)`` on each
+    would, in one norm and one scaling over all of them. Experts no backward reached (gradient ``None``) are skipped.
+    """
+    experts = [expert for expert in experts if next(expert.parameters()).grad is not None]
+    if not experts:
+        return
+    grads = [p.grad for expert in experts for p in expert.parameters()]
+    norms = torch.stack(torch._foreach_norm(grads)).view(len(experts), -1)  # (S, P): P tensors per expert
+    coefficients = (max_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)).clamp(max=1.0)  # (S,)
+    torch._foreach_mul_(grads, list(coefficients.repeat_interleave(norms.size(1)).unbind()))
 
 
 class DenseLM(LanguageModel):

@@ -1,6 +1,7 @@
-"""Step time and store reads of the engine's recipes against GlobalMoE (issue 15).
+"""Step time and store reads of the engine's recipes against GlobalMoE and DenseLM (issue 15).
 
     python scripts/bench_engine.py [--experts 8 64 512 4096] [--rounds 3] [--out scripts/results/engine] [--quick]
+    python scripts/bench_engine.py --precisions 32-true bf16-mixed   # every recipe at both, in the same rounds
     python scripts/bench_engine.py --report-only --out scripts/results/engine/batch64   # re-render a page
 
 Writes OUT/engine.json, OUT/README.md (the table) and OUT/step_time.png.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.engine import RECIPES, EngineBenchConfig, run, write_report  # noqa: E402
+from bench.engine import PRECISIONS, RECIPES, EngineBenchConfig, run, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +25,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 512, 4096])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--global-moe-max", type=int, default=512, help="largest n for GlobalMoE")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["32-true"],
+        choices=PRECISIONS,
+        help="Trainer precisions every contender runs at, interleaved in the same rounds",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=None, help="model.micro_batch of every PragnosiaLM")
     parser.add_argument("--rounds", type=int, default=3)
@@ -48,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         num_experts=tuple(args.experts),
         recipes=tuple(args.recipes),
         global_moe_max=args.global_moe_max,
+        precisions=tuple(args.precisions),
         batch_size=args.batch_size,
         rounds=args.rounds,
         train_before=args.train_before,

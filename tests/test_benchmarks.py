@@ -150,14 +150,19 @@ def test_bench_engine_quick(tmp_path, monkeypatch):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "engine.json").read_text())
     rows = {r["recipe"]: r for r in report["results"]}
-    assert set(rows) == {"local S=2", "local S=8", "local", "exact", "bounded", "GlobalMoE"}
-    assert rows["GlobalMoE"]["step_time_vs_global_moe"] == 1.0
+    assert set(rows) == {"local S=2", "local S=8", "local", "exact", "bounded", "GlobalMoE", "DenseLM"}
+    assert rows["GlobalMoE"]["step_time_vs_global_moe"] == 1.0 and rows["DenseLM"]["step_time_vs_dense"] == 1.0
     for name, row in rows.items():
         assert math.isfinite(row["step_ms_median"]) and row["step_ms_median"] > 0, name
-        if name != "GlobalMoE":  # invariant 7, as the benchmark counts it
+        assert row["step_time_vs_dense"] == pytest.approx(row["step_ms_median"] / rows["DenseLM"]["step_ms_median"])
+        if name not in ("GlobalMoE", "DenseLM"):  # invariant 7, as the benchmark counts it
             limit = 2 if name in ("exact", "bounded") else 1
             assert 0 <= row["reads_per_touched_expert"] <= limit, row
-    assert "| 8 | exact |" in (out / "README.md").read_text()
+    assert rows["DenseLM"]["reads_per_step"] == 0 and "touched_per_step" not in rows["DenseLM"]
+    page = (out / "README.md").read_text()
+    assert "| 8 | exact |" in page and "| × GlobalMoE | × DenseLM |" in page
+    dense_row = next(line for line in page.splitlines() if line.startswith("| 8 | DenseLM |"))
+    assert dense_row.endswith("| 0 | n/a |  |  |")
     # GlobalMoE counts the experts it routes to in training, as PragnosiaLM counts its expert updates: with the same
     # seed, weights and first batches, exact's first steps touch as many (up to rounding-flipped routing)
     assert rows["GlobalMoE"]["touched_per_step"] == pytest.approx(rows["exact"]["touched_per_step"], rel=0.25)
@@ -166,6 +171,38 @@ def test_bench_engine_quick(tmp_path, monkeypatch):
     (out / "README.md").write_text("stale")
     run_script("bench_engine.py", "--report-only", "--out", str(out), monkeypatch=monkeypatch)
     assert (out / "README.md").read_text() == rendered
+
+
+def test_bench_engine_quick_at_two_precisions(tmp_path, monkeypatch):
+    """Every contender at each precision, in one run; each compared with the baselines at its own precision."""
+    from bench import throughput
+
+    precisions = []  # of every Trainer the run builds
+
+    def timing_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        precisions.append(trainer.precision)
+        return trainer
+
+    build_trainer = throughput.timing_trainer
+    monkeypatch.setattr(throughput, "timing_trainer", timing_trainer)
+    out = tmp_path / "engine"
+    args = ["--quick", "--recipes", "exact", "GlobalMoE", "DenseLM", "--precisions", "32-true", "bf16-mixed"]
+    run_script("bench_engine.py", *args, "--out", str(out), monkeypatch=monkeypatch)
+    assert precisions.count("bf16-mixed") == precisions.count("32-true") > 0
+    rows = {r["label"]: r for r in json.loads((out / "engine.json").read_text())["results"]}
+    assert set(rows) == {
+        f"{recipe} {precision}"
+        for recipe in ("exact", "GlobalMoE", "DenseLM")
+        for precision in ("32-true", "bf16-mixed")
+    }
+    for precision in ("32-true", "bf16-mixed"):
+        exact, moe, dense = (rows[f"{recipe} {precision}"] for recipe in ("exact", "GlobalMoE", "DenseLM"))
+        assert exact["precision"] == precision
+        assert exact["step_time_vs_global_moe"] == pytest.approx(exact["step_ms_median"] / moe["step_ms_median"])
+        assert exact["step_time_vs_dense"] == pytest.approx(exact["step_ms_median"] / dense["step_ms_median"])
+    page = (out / "README.md").read_text()
+    assert "| 8 | exact bf16-mixed |" in page and "| 8 | exact 32-true |" in page
 
 
 # ------------------------------------------------------------------------------------------------ results pages

@@ -1,32 +1,37 @@
-"""Step time and store reads of the expert-major engine's recipes against GlobalMoE (issue 15).
+"""Step time and store reads of the expert-major engine's recipes against GlobalMoE and DenseLM (issue 15).
 
 Every contender of one n lives in one process and they take turns: each round, each trains one window of
 ``window_steps`` batches (the same batches for all, new ones each round) with a fresh ``Trainer``, in an order that
 rotates from round to round, so the machine's drift hits all alike and every ratio comes from the same run. The
 first round is warm-up; the first step of each window is not timed. Disk stores start materialized (every record
-written once), so reads are real reads, as in a long run.
+written once), so reads are real reads, as in a long run. With several ``precisions`` every recipe runs at each,
+as contenders of the same rounds.
 
 The recipes are the shipped configs (``configs/*.yaml``, model section) with ``num_experts``, the store and its
-folder replaced; ``GlobalMoE`` gets ``configs/streamed.yaml``'s widths, router, balance term, lr, seed and clipping:
-it is the model the ``exact`` recipe trains, update for update, so both touch the same experts every step.
+folder replaced. The baselines take the options of ``configs/streamed.yaml`` they accept: ``GlobalMoE`` its widths,
+router, balance term, lr, seed and clipping (the model the ``exact`` recipe trains, update for update, so both touch
+the same experts every step); ``DenseLM`` its widths, k, lr, seed and clipping (the trunk plus one FFN of k experts'
+width: the same active parameters with no routing, the speed floor). ``DenseLM`` has no n: it runs in every n group,
+so each ratio to it comes from the same interleaved run.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from bench.recipes import model_options
 from bench.report import machine_description, page_header
+from bench.throughput import ThroughputConfig, draw_batches, train_window
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# name: (config file, PragnosiaLM overrides); None: GlobalMoE
+# name: (config file, PragnosiaLM overrides); None: the baseline of that name in pragnosia_pl, built from BASELINE
 RECIPES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "local S=2": ("quickstart.yaml", {}),
     "local S=8": ("quickstart.yaml", {"expert_slots": 8, "expert_cache": 8}),
@@ -34,12 +39,10 @@ RECIPES: dict[str, tuple[str, dict[str, Any]] | None] = {
     "exact": ("streamed.yaml", {}),
     "bounded": ("bounded.yaml", {}),
     "GlobalMoE": None,
+    "DenseLM": None,
 }
-
-
-def model_options(config_file: str) -> dict[str, Any]:
-    """The ``model.init_args`` of a shipped config."""
-    return dict(yaml.safe_load((CONFIGS / config_file).read_text())["model"]["init_args"])
+BASELINE = "streamed.yaml"
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")  # Lightning's, as the Trainer takes them (16-mixed: GPU)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class EngineBenchConfig:
         num_experts: n values; each is one group of interleaved contenders.
         recipes: names from :data:`RECIPES`.
         global_moe_max: largest n at which ``GlobalMoE`` runs (every expert resident).
+        precisions: ``Trainer`` precisions every contender runs at, interleaved in the same rounds.
         batch_size, block_size: the batch (sequences × bytes).
         train_before: steps each contender trains before it is timed: routing collapses onto a few experts in the
             first steps and the balance term spreads it again within about a hundred (n = 512: 234, 21, then 184
@@ -61,6 +65,7 @@ class EngineBenchConfig:
     num_experts: tuple[int, ...] = (8, 64, 512, 4096)
     recipes: tuple[str, ...] = tuple(RECIPES)
     global_moe_max: int = 512
+    precisions: tuple[str, ...] = ("32-true",)
     batch_size: int = 16
     block_size: int = 128
     train_before: int = 60
@@ -76,6 +81,9 @@ class EngineBenchConfig:
         unknown = [r for r in self.recipes if r not in RECIPES]
         if unknown:
             raise ValueError(f"recipes ({', '.join(unknown)}) must be among: {', '.join(RECIPES)}")
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown or not self.precisions:
+            raise ValueError(f"precisions ({', '.join(unknown) or 'empty'}) must be among: {', '.join(PRECISIONS)}")
         if self.window_steps < 2 or self.rounds < 1:
             raise ValueError(f"window_steps ({self.window_steps}) must be ≥ 2 and rounds ({self.rounds}) ≥ 1")
 
@@ -83,11 +91,17 @@ class EngineBenchConfig:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.block_size
 
+    def label(self, recipe: str, precision: str) -> str:
+        """A contender's name in the report: its recipe, and its precision where the run has others than 32-true."""
+        return recipe if tuple(self.precisions) == ("32-true",) else f"{recipe} {precision}"
+
 
 @dataclass
 class Contender:
     recipe: str
     num_experts: int
+    precision: str = "32-true"
+    label: str = ""
     model: Any = None
     step_seconds: list[float] = field(default_factory=list)
     reads: float = 0.0
@@ -98,22 +112,14 @@ class Contender:
 def build(config: EngineBenchConfig, contender: Contender, root: Path):
     import torch
 
-    from pragnosia_pl import GlobalMoE, PragnosiaLM
+    from pragnosia_pl import PragnosiaLM
 
     recipe = RECIPES[contender.recipe]
     if recipe is None:
-        options = model_options("streamed.yaml")
-        keys = ("d_model", "n_shared_layers", "n_heads", "num_active_experts", "lr", "router", "balance_coef")
-        shared = {k: options[k] for k in keys}  # the exact recipe's router: both then touch the same experts
-        shared.update({k: v for k, v in config.overrides.items() if k != "micro_batch"})
-        model = GlobalMoE(**shared, num_experts=contender.num_experts, seed=config.seed)
-        model.touched_experts = 0  # experts routed to in training, counted as PragnosiaLM counts its expert updates
-        for router in model.routers:
-            router.register_forward_hook(partial(_count_touched, model))
-        return model
+        return build_baseline(config, contender)
     config_file, overrides = recipe
     options = {**model_options(config_file), **overrides, **config.overrides}
-    folder = root / f"{contender.recipe.replace(' ', '_').replace('=', '')}-n{contender.num_experts}"
+    folder = root / f"{contender.label.replace(' ', '_').replace('=', '')}-n{contender.num_experts}"
     options.update(num_experts=contender.num_experts, store="disk", store_dir=str(folder), seed=config.seed)
     model = PragnosiaLM(**options)
     store = model.store
@@ -125,6 +131,24 @@ def build(config: EngineBenchConfig, contender: Contender, root: Path):
     return model
 
 
+def build_baseline(config: EngineBenchConfig, contender: Contender):
+    """``GlobalMoE`` or ``DenseLM`` with the options of :data:`BASELINE` and of ``config.overrides`` it accepts (the
+    exact recipe's router: ``GlobalMoE`` and ``exact`` then touch the same experts)."""
+    import pragnosia_pl
+
+    model_class = getattr(pragnosia_pl, contender.recipe)
+    accepted = inspect.signature(model_class.__init__).parameters
+    options = {k: v for k, v in {**model_options(BASELINE), **config.overrides}.items() if k in accepted}
+    if "num_experts" in accepted:
+        options["num_experts"] = contender.num_experts
+    model = model_class(**options, seed=config.seed)
+    if hasattr(model, "routers"):
+        model.touched_experts = 0  # experts routed to in training, counted as PragnosiaLM counts its expert updates
+        for router in model.routers:
+            router.register_forward_hook(partial(_count_touched, model))
+    return model
+
+
 def _count_touched(model, router, inputs, routing) -> None:
     if model.training:
         model.touched_experts += routing.working_set.numel()
@@ -133,28 +157,29 @@ def _count_touched(model, router, inputs, routing) -> None:
 def _counters(model) -> tuple[float, float]:
     """Store reads and experts touched (PragnosiaLM: expert updates) so far."""
     if not hasattr(model, "memory_stats"):
-        return 0.0, float(model.touched_experts)
+        return 0.0, float(getattr(model, "touched_experts", 0))
     stats = model.memory_stats()
     return stats.get("store_reads", 0.0), stats.get("expert_updates", 0.0)
 
 
 def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: Path, log=print) -> list[dict]:
-    from bench.throughput import train_window
-
-    names = [r for r in config.recipes if RECIPES[r] is not None or num_experts <= config.global_moe_max]
-    contenders = [Contender(name, num_experts) for name in names]
+    names = [r for r in config.recipes if r != "GlobalMoE" or num_experts <= config.global_moe_max]
+    contenders = [
+        Contender(name, num_experts, precision, config.label(name, precision))
+        for name in names
+        for precision in config.precisions
+    ]
     for contender in contenders:
-        log(f"engine: n={num_experts} building {contender.recipe}")
+        log(f"engine: n={num_experts} building {contender.label}")
         contender.model = build(config, contender, root)
     W = config.window_steps
-    timing = _Timing(config)
     timed_batches, batches = (
         batches[: (config.warmup_rounds + config.rounds) * W],
         batches[len(batches) - config.train_before :],
     )
     if config.train_before:
         for contender in contenders:
-            train_window(_Adapter(contender), batches, timing, str(root))
+            train_window(contender.model, batches, str(root), precision=contender.precision)
         log(f"engine: n={num_experts} trained {config.train_before} steps before timing")
     batches = timed_batches
     for round_index in range(config.warmup_rounds + config.rounds):
@@ -162,7 +187,7 @@ def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: 
         shift = round_index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             before = _counters(contender.model)
-            seconds = train_window(_Adapter(contender), window, timing, str(root))
+            seconds = train_window(contender.model, window, str(root), precision=contender.precision)
             if round_index >= config.warmup_rounds:
                 after = _counters(contender.model)
                 contender.step_seconds += seconds
@@ -175,34 +200,27 @@ def run_group(config: EngineBenchConfig, num_experts: int, batches: list, root: 
         if hasattr(contender.model, "residency"):
             contender.model.store.close()
         contender.model = None
-    global_ms = next((r["step_ms_median"] for r in results if r["recipe"] == "GlobalMoE"), None)
-    for result in results:
-        result["step_time_vs_global_moe"] = None if global_ms is None else result["step_ms_median"] / global_ms
+    for result in results:  # each against the baselines at its own precision
+        baselines = {r["recipe"]: r["step_ms_median"] for r in results if r["precision"] == result["precision"]}
+        for key, baseline in (("step_time_vs_global_moe", "GlobalMoE"), ("step_time_vs_dense", "DenseLM")):
+            result[key] = result["step_ms_median"] / baselines[baseline] if baseline in baselines else None
     return results
-
-
-class _Adapter:
-    """What ``throughput.train_window`` reads of a contender."""
-
-    def __init__(self, contender: Contender) -> None:
-        self.model = contender.model
-
-
-class _Timing:
-    def __init__(self, config: EngineBenchConfig) -> None:
-        self.skip_steps = 1
 
 
 def summarize(config: EngineBenchConfig, contender: Contender) -> dict:
     steps = contender.step_seconds
     result = {
         "recipe": contender.recipe,
+        "precision": contender.precision,
+        "label": contender.label,
         "num_experts": contender.num_experts,
         "timed_steps": len(steps),
         "step_ms_median": 1e3 * statistics.median(steps),
         "step_ms_mean": 1e3 * statistics.fmean(steps),
         "tokens_per_s": config.tokens_per_step / statistics.median(steps),
     }
+    if contender.recipe == "DenseLM":
+        return {**result, "reads_per_step": 0.0}  # no store, no experts
     result["touched_per_step"] = contender.updates / contender.timed_steps
     if contender.recipe != "GlobalMoE":
         k = model_options(RECIPES[contender.recipe][0]).get("num_active_experts", 2)
@@ -213,11 +231,7 @@ def summarize(config: EngineBenchConfig, contender: Contender) -> dict:
 
 
 def run(config: EngineBenchConfig, out: Path, log=print, command: str = "") -> dict:
-    import time
-
     import torch
-
-    from bench.throughput import ThroughputConfig, draw_batches
 
     torch.set_num_threads(config.threads)
     count = (config.warmup_rounds + config.rounds) * config.window_steps + config.train_before
@@ -248,6 +262,8 @@ def run(config: EngineBenchConfig, out: Path, log=print, command: str = "") -> d
 def markdown(report: dict) -> str:
     config = report["config"]
     ran = {r["recipe"] for r in report["results"]}
+    precisions = config.get("precisions", ["32-true"])
+    dense = any(r.get("step_time_vs_dense") is not None for r in report["results"])
     lines = [
         *page_header("Engine step time (issue 15)", "python scripts/bench_engine.py", ["engine.json"]),
         f"`{report.get('command') or 'python scripts/bench_engine.py'}`",
@@ -269,29 +285,54 @@ def markdown(report: dict) -> str:
             if any(r["recipe"] == "GlobalMoE" and "touched_per_step" in r for r in report["results"])
             else "."
         )
+        + (
+            " DenseLM: the trunk plus one FFN of k experts' width where the expert layer sits (the same widths, k, "
+            "lr, seed and clipping), the speed floor: the same active parameters with no routing and no store; it "
+            "has no n and runs in every n group, so each ratio to it comes from the same run."
+            if "DenseLM" in ran
+            else ""
+        )
+        + (
+            f" Every contender ran at each precision ({', '.join(precisions)}), in the same rounds; its ratios are to "
+            "the baselines at its precision."
+            if list(precisions) != ["32-true"]
+            else ""
+        )
         + (f" Every model also takes {config['overrides']}." if config.get("overrides") else ""),
         "",
         "Median ms per training step (reads: store reads per step; per touched: reads per touched expert; "
         "pairs/read: (token, expert) pairs per store read):",
         "",
-        "| n | recipe | ms/step | × GlobalMoE | tokens/s | reads | touched | per touched | pairs/read |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| n | recipe | ms/step | × GlobalMoE |"
+        + (" × DenseLM |" if dense else "")
+        + " tokens/s | reads | touched | per touched | pairs/read |",
+        "|---:|---|---:|---:|" + ("---:|" if dense else "") + "---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        ratio = "" if r["step_time_vs_global_moe"] is None else f"{r['step_time_vs_global_moe']:.2f}"
-        io = (
-            f"{r['reads_per_step']:.0f} | {r['touched_per_step']:.0f} | {r['reads_per_touched_expert']:.2f} | "
-            f"{r['token_pairs_per_read']:.1f}"
-            if "reads_per_step" in r
-            else f" | {r['touched_per_step']:.0f} |  | "
-            if "touched_per_step" in r  # GlobalMoE, from 2026-12-02
-            else " |  |  | "
-        )
+        ratios = [_ratio(r["step_time_vs_global_moe"]), *([_ratio(r.get("step_time_vs_dense"))] if dense else [])]
         lines.append(
-            f"| {r['num_experts']} | {r['recipe']} | {r['step_ms_median']:.0f} | {ratio} | {r['tokens_per_s']:,.0f} "
-            f"| {io} |"
+            f"| {r['num_experts']} | {r.get('label', r['recipe'])} | {r['step_ms_median']:.0f} | {' | '.join(ratios)} "
+            f"| {r['tokens_per_s']:,.0f} | {_io_cells(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _io_cells(r: dict) -> str:
+    """A row's reads, touched, per touched and pairs/read cells."""
+    if r["recipe"] == "DenseLM":
+        return f"{r['reads_per_step']:.0f} | n/a |  | "
+    if "reads_per_step" in r:
+        return (
+            f"{r['reads_per_step']:.0f} | {r['touched_per_step']:.0f} | {r['reads_per_touched_expert']:.2f} | "
+            f"{r['token_pairs_per_read']:.1f}"
+        )
+    if "touched_per_step" in r:  # GlobalMoE, from 2026-12-02
+        return f" | {r['touched_per_step']:.0f} |  | "
+    return " |  |  | "
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -304,9 +345,9 @@ def write_report(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for recipe in dict.fromkeys(r["recipe"] for r in report["results"]):
-        rows = [r for r in report["results"] if r["recipe"] == recipe]
-        ax.plot([r["num_experts"] for r in rows], [r["step_ms_median"] for r in rows], marker="o", label=recipe)
+    for label in dict.fromkeys(r.get("label", r["recipe"]) for r in report["results"]):
+        rows = [r for r in report["results"] if r.get("label", r["recipe"]) == label]
+        ax.plot([r["num_experts"] for r in rows], [r["step_ms_median"] for r in rows], marker="o", label=label)
     ax.set(xscale="log", yscale="log", xlabel="experts n", ylabel="ms per step (median)", title="Step time")
     ax.legend()
     fig.tight_layout()

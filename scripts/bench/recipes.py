@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-from bench.engine import CONFIGS, model_options
+import yaml
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # What a benchmark itself sets in every model: the shape its contenders are compared at, the seed, and where the
 # experts live. Every other PragnosiaLM option of a benchmark's recipe comes from a shipped config.
@@ -25,6 +28,11 @@ __all__ = [
     "step_recorder",
     "text_domains",
 ]
+
+
+def model_options(config_file: str) -> dict[str, Any]:
+    """The ``model.init_args`` of a shipped config."""
+    return dict(yaml.safe_load((CONFIGS / config_file).read_text())["model"]["init_args"])
 
 
 def method_options(config_file: str) -> dict[str, Any]:

@@ -197,13 +197,15 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timing_trainer(steps: int, root: str, callback):
-    """A bare ``Trainer`` for ``steps`` training steps: no logger, checkpoints, progress bar or validation."""
+def timing_trainer(steps: int, root: str, callback, precision: str = "32-true"):
+    """A bare ``Trainer`` for ``steps`` training steps at ``precision``: no logger, checkpoints, progress bar or
+    validation."""
     from lightning.pytorch import Trainer
 
     return Trainer(
         accelerator="auto",
         devices=1,
+        precision=precision,
         max_steps=steps,
         default_root_dir=root,
         logger=False,
@@ -215,15 +217,15 @@ def timing_trainer(steps: int, root: str, callback):
     )
 
 
-def train_window(contender: Contender, batches: list, config: ThroughputConfig, root: str) -> list[float]:
-    """Train ``contender`` on ``batches`` with a fresh ``Trainer``; the timed steps' seconds."""
-
-    timer = _step_timer()
-    trainer = timing_trainer(len(batches), root, timer)
+def train_window(model, batches: list, root: str, skip_steps: int = 1, precision: str = "32-true") -> list[float]:
+    """Train ``model`` on ``batches`` with a fresh ``Trainer`` at ``precision``; the seconds of its steps after the
+    first ``skip_steps``."""
     from torch.utils.data import DataLoader
 
-    trainer.fit(contender.model, train_dataloaders=DataLoader(batches, batch_size=None))
-    return timer.seconds[config.skip_steps :]
+    timer = _step_timer()
+    trainer = timing_trainer(len(batches), root, timer, precision)
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    return timer.seconds[skip_steps:]
 
 
 def draw_batches(config: ThroughputConfig, count: int) -> list:
@@ -253,7 +255,7 @@ def run_group(config: ThroughputConfig, num_experts: int, batches: list, root: s
         shift = round_index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             before = _cache_counters(contender)
-            seconds = train_window(contender, window, config, root)
+            seconds = train_window(contender.model, window, root, config.skip_steps)
             if timed:
                 after = _cache_counters(contender)
                 contender.step_seconds += seconds
