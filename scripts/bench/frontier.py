@@ -122,13 +122,12 @@ class FrontierConfig:
         self.models = tuple(m for m in MODELS if m in self.models)  # canonical order
         if self.accelerator not in ("cpu", "gpu"):
             raise ValueError(f"accelerator ({self.accelerator!r}) must be one of: cpu, gpu")
-        for key in ("steps", "eval_every", "limit_val_batches", "batch_size", "block_size", "threads"):
+        positive = ("steps", "eval_every", "limit_val_batches", "batch_size", "block_size", "threads")
+        for key in (*positive, "granularity", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} ({getattr(self, key)}) must be ≥ 1")
-        for key in ("granularity", "checkpoint_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} ({getattr(self, key)}) must be ≥ 1")
-        k = self.recipe()["num_active_experts"]
+        recipe = self.recipe()
+        k = recipe["num_active_experts"]
         smallest = min((*self.num_experts, *self.local_num_experts), default=0)
         if not self.num_experts or smallest < k:
             raise ValueError(f"num_experts {self.num_experts} must each be ≥ num_active_experts ({k})")
@@ -139,7 +138,7 @@ class FrontierConfig:
                 f"warmup_steps ({self.warmup_steps}) and lr_warmup_steps ({self.lr_warmup_steps}) must be in "
                 f"[0, steps ({self.steps}))"
             )
-        hidden = self.recipe().get("expert_hidden") or 4 * self.recipe()["d_model"]
+        hidden = recipe.get("expert_hidden") or 4 * recipe["d_model"]
         if hidden % self.granularity:
             raise ValueError(f"granularity ({self.granularity}) must divide the expert's hidden width ({hidden})")
 
@@ -250,8 +249,8 @@ def build_model(config: FrontierConfig, plan: RunPlan, store_dir: str):
     common = {k: recipe[k] for k in (*shared_keys, "grad_clip") if k in recipe}
     common.update(seed=config.seed)
     moe = {k: recipe[k] for k in ("router", "balance_coef") if k in recipe}
-    if plan.model == "dense":
-        hidden = recipe.get("expert_hidden") or 4 * recipe["d_model"]  # the MoE's FFN, whatever the width
+    hidden = recipe.get("expert_hidden") or 4 * recipe["d_model"]  # one expert's hidden width
+    if plan.model == "dense":  # the MoE's FFN (k experts wide), whatever the width
         model = DenseLM(**{**common, "d_model": plan.size, "expert_hidden": hidden})
     elif plan.model == "global_moe":
         model = GlobalMoE(**common, **moe, num_experts=plan.size)
@@ -259,7 +258,6 @@ def build_model(config: FrontierConfig, plan: RunPlan, store_dir: str):
         options = {**recipe, **common, **STREAMED, "local_lr": recipe["lr"]}
         options.update(objective="local" if plan.model == "local" else "exact", num_experts=plan.size)
         if plan.model == "fine":
-            hidden = recipe.get("expert_hidden") or 4 * recipe["d_model"]
             options.update(
                 expert_hidden=hidden // config.granularity,
                 num_active_experts=recipe["num_active_experts"] * config.granularity,
