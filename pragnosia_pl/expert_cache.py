@@ -62,6 +62,7 @@ class ExpertCache:
         self._writebacks: list[Pending] = []
         self._current: int | None = None  # expert returned by the most recent load()
         self._ahead: set[int] = set()  # experts the running stream() has yet to yield
+        self._pinned: set[int] = set()  # the group stream_groups() is working on: never evicted
         self._counters = dict(
             hits=0, misses=0, state_loads=0, loads=0, prefetches=0, evictions=0, writebacks=0, bytes_in=0, bytes_out=0
         )
@@ -76,6 +77,10 @@ class ExpertCache:
             IndexError: ``expert_id`` out of range.
             CorruptRecordError: the store found the record damaged (the expert is then not resident).
         """
+        return self.slots[self._load_slot(expert_id, params_only)]
+
+    def _load_slot(self, expert_id: int, params_only: bool) -> int:
+        """:meth:`load`, returning the slot's index."""
         self._check_id(expert_id)
         self._reap_writebacks()
         self._counters["loads"] += 1
@@ -99,7 +104,7 @@ class ExpertCache:
             self._forget(expert_id)
             raise
         self._current = expert_id
-        return self.slots[slot]
+        return slot
 
     def stream(self, expert_ids: Sequence[int], params_only: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
         """Yields ``(expert_id, record)`` for each id in order, reading up to ``capacity - 1`` of the next ones
@@ -120,6 +125,37 @@ class ExpertCache:
                 yield expert_id, record
         finally:
             self._ahead = set()
+
+    def stream_groups(
+        self, groups: Sequence[Sequence[int]], params_only: bool = False
+    ) -> Iterator[tuple[Sequence[int], list[int]]]:
+        """Yields ``(expert_ids, slots)`` for each group in order, every expert of the group resident at once (their
+        slots' indices into :attr:`slots`, valid until the next iteration), reading the next groups' experts into the
+        slots the group leaves free while the caller works on it: :meth:`stream` for work done on several experts
+        at once (``model.expert_batch``).
+
+        Raises:
+            ValueError: a group larger than the cache's capacity.
+        """
+        if any(len(group) > self.capacity for group in groups):
+            raise ValueError(f"an expert group is larger than the cache ({self.capacity} slots)")
+        flat = [expert_id for group in groups for expert_id in group]
+        self._ahead = set(flat)
+        start = 0  # position in flat of the group's first expert
+        try:
+            for group in groups:
+                self._pinned = set(group)  # never evicted while the group is loaded and worked on
+                slots = [self._load_slot(expert_id, params_only) for expert_id in group]
+                self._ahead.difference_update(group)
+                start += len(group)
+                for expert_id in flat[start : start + self.capacity - len(group)]:
+                    if expert_id not in self._slot_of or (not params_only and expert_id in self._params_only):
+                        self.prefetch(expert_id, params_only)
+                    if expert_id not in self._slot_of:
+                        break  # no slot to spare: the rest are read when their group comes
+                yield group, slots
+        finally:
+            self._ahead, self._pinned = set(), set()
 
     def prefetch(self, expert_id: int, params_only: bool = False) -> None:
         """Starts reading ``expert_id`` (its parameters alone with ``params_only``) into a slot; a later
@@ -209,7 +245,7 @@ class ExpertCache:
             return self._free_slots.pop()
         first_ahead = first_loading = None
         for expert_id in self._slot_of:
-            if expert_id == self._current:
+            if expert_id == self._current or expert_id in self._pinned:
                 continue
             if expert_id in self._loading:
                 first_loading = expert_id if first_loading is None else first_loading
@@ -220,7 +256,7 @@ class ExpertCache:
         choice = None
         if may_evict_loading:
             choice = first_ahead if first_ahead is not None else first_loading
-        if choice is None and may_evict_current:
+        if choice is None and may_evict_current and self._current not in self._pinned:
             choice = self._current
         return None if choice is None else self._evict(choice)
 

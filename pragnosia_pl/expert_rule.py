@@ -108,6 +108,38 @@ class ExpertRule:
         updated = self._step(record, grad, math.isfinite(norm))
         return grad_in, updated
 
+    def exact_group_step(
+        self,
+        records: list[torch.Tensor],
+        params: torch.Tensor,
+        grad_out: torch.Tensor,
+        saved: Any,
+        grad_scale: float = 1.0,
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """:meth:`exact_step` of g experts at once (``model.expert_batch``): ``records`` their slots (R,) each,
+        ``params`` (g, P) their parameters (a copy: the backward reads them after no step), ``grad_out`` (g, M, d)
+        their tokens' output gradients padded with zero rows, ``saved`` what
+        :meth:`~pragnosia_pl.experts.ExpertLayout.grouped_forward_saving` kept. Each expert is clipped by its own norm
+        and stepped by its own optimizer state, as alone; one host sync and one optimizer call for the group.
+        Returns the inputs' gradients (g, M, d) and, per expert, whether its record was updated."""
+        grads, grad_in = self.layout.grouped_backward(params, saved, grad_out, input_grad=True)  # (g, P), (g, M, d)
+        if grad_scale != 1.0:
+            grads.div_(grad_scale)
+        grads = average_across_ranks(grads, group=self.group)
+        norms = grads.norm(dim=1)  # (g,)
+        if self.grad_clip > 0:
+            # clip_grad_norm_'s formula, expert by expert: a factor of 1 where the norm is within the clip
+            grads.mul_((self.grad_clip / (norms + 1e-6)).clamp_(max=1.0)[:, None])
+        finite = [math.isfinite(norm) for norm in norms.tolist()]  # the one host sync of the group
+        stepped = [i for i, ok in enumerate(finite) if ok]
+        if stepped:
+            parts = [self.layout.split(records[i]) for i in stepped]
+            self.optimizer.step_group(
+                [p[0] for p in parts], [grads[i] for i in stepped], [p[1] for p in parts], [p[2] for p in parts]
+            )
+            self.updates += len(stepped)
+        return grad_in, finite
+
     def _step(self, record: torch.Tensor, grad: torch.Tensor, finite: bool) -> bool:
         if not finite:  # checked before stepping (one host sync per expert): the step is in place
             return False

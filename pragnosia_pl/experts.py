@@ -36,6 +36,18 @@ class FlatSGD:
         param.add_(grad, alpha=-self.lr)
         step.add_(1)
 
+    @torch.no_grad()
+    def step_group(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[torch.Tensor],
+        steps: list[torch.Tensor],
+    ) -> None:
+        """:meth:`step` of several experts: one foreach call for all of them."""
+        torch._foreach_add_(params, grads, alpha=-self.lr)
+        torch._foreach_add_(steps, 1)
+
 
 class FlatAdam:
     """Adam on a flat parameter vector; first and second moments live in the record.
@@ -80,6 +92,38 @@ class FlatAdam:
         bias2 = 1 - torch.pow(beta2, step)
         denom = (exp_avg_sq / bias2).sqrt_().add_(self.eps)
         param.addcdiv_(exp_avg, denom * bias1, value=-self.lr)
+
+    @torch.no_grad()
+    def step_group(
+        self,
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[torch.Tensor],
+        steps: list[torch.Tensor],
+    ) -> None:
+        """:meth:`step` of several experts (one flat parameter vector, state and step counter each): one fused
+        kernel call for all of them, the same arithmetic per element."""
+        if _FUSED_ADAM is None:
+            for param, grad, state, step in zip(params, grads, states, steps, strict=True):
+                self.step(param, grad, state, step)
+            return
+        moments = [state.chunk(2) for state in states]
+        torch._foreach_add_(steps, 1)
+        _FUSED_ADAM(
+            params,
+            grads,
+            [m[0] for m in moments],
+            [m[1] for m in moments],
+            [],
+            steps,
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=0.0,
+            eps=self.eps,
+            amsgrad=False,
+            maximize=False,
+        )
 
 
 MAX_SEED = 2**23  # seeds 0 ≤ s < 2^23: with expert ids below 2^40, (s, e) -> s·2^40 + e is one-to-one in 2^63
@@ -137,6 +181,10 @@ class ExpertLayout:
         self._forward_saving = getattr(type(self.template), "functional_forward_saving", None)
         self._backward = getattr(type(self.template), "functional_backward", None)
         self.manual_backward = self._forward_saving is not None and self._backward is not None
+        # g experts in one batched product each (``model.expert_batch``): the default FFN has the grouped pair
+        self._grouped_forward = getattr(type(self.template), "grouped_forward_saving", None)
+        self._grouped_backward = getattr(type(self.template), "grouped_backward", None)
+        self.grouped = self._grouped_forward is not None and self._grouped_backward is not None
         self._views: OrderedDict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor]]] = OrderedDict()
         self._grad_buffers: dict[torch.device, torch.Tensor] = {}
         self.num_params = sum(shape.numel() for shape in self.shapes.values())
@@ -212,6 +260,35 @@ class ExpertLayout:
             grad_in = self._backward(views, saved, grad_out, self.param_views(grad), input_grad)
             return grad, grad_in
         return saved.backward(flat_params, grad_out, grad, input_grad)
+
+    def stacked_views(self, flat_params: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``flat_params`` (g, P), one expert per row, as named views with a leading expert dimension (g, *shape)."""
+        views, offset = {}, 0
+        for name, shape in self.shapes.items():
+            views[name] = flat_params[:, offset : offset + shape.numel()].view(-1, *shape)
+            offset += shape.numel()
+        return views
+
+    def grouped_forward_saving(
+        self, flat_params: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """:meth:`forward_saving` of g experts at once (:attr:`grouped` experts only): ``flat_params`` (g, P), ``x``
+        (g, M, d), each expert's tokens padded with zero rows to M; returns (g, M, d) and what
+        :meth:`grouped_backward` needs (nothing that refers to ``flat_params``)."""
+        if dtype is None:
+            return self._grouped_forward(self.stacked_views(flat_params), x)
+        return self._grouped_forward(self.stacked_views(flat_params), x, dtype)
+
+    def grouped_backward(
+        self, flat_params: torch.Tensor, saved: Any, grad_out: torch.Tensor, input_grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`backward` of g experts at once: ``grad_out`` (g, M, d), zero on padding rows; returns the
+        parameters' gradients (g, P), a new tensor, and (``input_grad``) the inputs' (g, M, d)."""
+        grad = flat_params.new_empty(flat_params.shape)  # (g, P)
+        grad_in = self._grouped_backward(
+            self.stacked_views(flat_params), saved, grad_out, self.stacked_views(grad), input_grad
+        )
+        return grad, grad_in
 
     def init_params(self, expert_id: int) -> torch.Tensor:
         """Expert ``expert_id``'s initial parameters (P,) on the CPU, a pure function of (seed, id): every model

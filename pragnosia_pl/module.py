@@ -99,6 +99,10 @@ class PragnosiaLM(LanguageModel):
             the feed-forward of blocks 1, 3, 5, …) or ``every`` (of every block). Each has its own router and n
             experts; one store holds them all (expert e of layer l is record l·n + e).
         vocab_size: V, token ids; ``pragnosia fit`` links it to ``data.vocab_size`` (256: bytes).
+        expert_batch: ``exact``: experts computed together on each pass, g ≤ ``expert_cache``: their tokens padded
+            to the group's largest count and run through one batched matrix product per layer, their updates in one
+            optimizer call; for fine-grained experts (many small experts of a few tokens each), whose time goes to
+            the per-expert calls. 1: one expert at a time (the update is the same up to float rounding).
 
     Raises:
         ValueError: on an inconsistent configuration; the message names the YAML key.
@@ -137,6 +141,7 @@ class PragnosiaLM(LanguageModel):
         host_tier_bytes: int = 0,
         expert_layers: Placement = "top",
         vocab_size: int = 256,
+        expert_batch: int = 1,
     ) -> None:
         super().__init__(d_model, n_shared_layers, n_heads, lr, seed, grad_clip, expert_layers, vocab_size)
         self.save_hyperparameters()
@@ -186,6 +191,7 @@ class PragnosiaLM(LanguageModel):
         )
         self.layout = ExpertLayout(self.build_expert, make_expert_optimizer(expert_optimizer, local_lr), seed)
         self.rule = ExpertRule(objective, self.layout, self.layout.optimizer, grad_clip, self.local_loss)
+        _check_expert_batch(expert_batch, expert_cache, objective, self.layout.grouped)
         self.residency = ExpertResidency(
             store,
             num_experts * len(self.routers),  # one store: expert e of layer l is record l·n + e
@@ -350,6 +356,8 @@ class PragnosiaLM(LanguageModel):
     ) -> torch.Tensor:
         """Every touched expert's output at its tokens, in ``groups``' row order (N·k, d), detached; ``exact``:
         what each forward saved, into ``kept`` (when given); ``local``: each expert's update on its local loss."""
+        if self.hparams.expert_batch > 1:
+            return self._first_pass_grouped(layer, step, groups, h_in, kept)
         expert_out = h_in.new_empty(groups.token_idx.numel(), h_in.size(1))  # (N·k, d)
         inputs = _PairRows(h_in, groups, gather_once=self.hparams.micro_batch is None)  # each expert's (N_e, d)
         target_pairs = step.targets[groups.token_idx] if self.rule.objective == "local" else None  # (N·k,)
@@ -384,6 +392,8 @@ class PragnosiaLM(LanguageModel):
         """``exact``: each touched expert of ``layer`` steps on the LM loss's gradient for it; returns the blocks'
         gradient through the experts, ``Σ_e J_e(h)ᵀ (g_e · dL/dz)`` (N, d). Visits the experts in descending id
         order, so the ones the first pass left in the cache are hits."""
+        if self.hparams.expert_batch > 1:
+            return self._second_pass_grouped(layer, step, groups, h_in, kept, grad_z)
         grad_h = torch.zeros_like(h_in)  # (N, d)
         grad_outs = _PairRows(grad_z, groups, self.hparams.micro_batch is None, gates=groups.gates.detach())
         order = list(reversed(range(len(groups.expert_ids))))
@@ -399,6 +409,65 @@ class PragnosiaLM(LanguageModel):
             grad_in, updated = self.rule.exact_step(record, grad_outs[rows], saved, step.grad_scale)
             grad_h.index_add_(0, groups.token_idx[rows], grad_in.to(grad_h.dtype))
             self._after_update(step.cache, expert_id, updated)
+        return grad_h
+
+    def _expert_groups(self, layer: int, groups: ExpertGroups) -> tuple[list[list[int]], list[list[int]]]:
+        """The touched experts ``expert_batch`` at a time, by their token counts (fewest first, ties by id), so a
+        group's experts pad to about the same M: their positions in ``groups`` and their store ids."""
+        offsets, g = groups.offsets, self.hparams.expert_batch
+        order = sorted(range(len(groups.expert_ids)), key=lambda p: (offsets[p + 1] - offsets[p], p))
+        chunks = [order[a : a + g] for a in range(0, len(order), g)]
+        ids = self._global_ids(layer, groups.expert_ids)
+        return chunks, [[ids[p] for p in chunk] for chunk in chunks]
+
+    def _first_pass_grouped(
+        self, layer: int, step: _Step, groups: ExpertGroups, h_in: torch.Tensor, kept: list | None
+    ) -> torch.Tensor:
+        """``exact``'s first pass, ``expert_batch`` experts at a time: each group's parameters gathered (g, P), its
+        tokens padded (g, M, d), one batched forward; what it saved into ``kept``, group by group."""
+        expert_out = h_in.new_empty(groups.token_idx.numel(), h_in.size(1))  # (N·k, d)
+        chunks, id_groups = self._expert_groups(layer, groups)
+        P, slots = self.layout.num_params, step.cache.slots
+        for chunk, (_, group_slots) in zip(chunks, step.cache.stream_groups(id_groups, params_only=True)):
+            padding = _Padding(groups, chunk, h_in.device)
+            params = slots[torch.tensor(group_slots, device=slots.device), :P]  # (g, P): a copy
+            x = padding.pack(h_in[groups.token_idx[padding.src]])  # (g, M, d)
+            out, saved = self.layout.grouped_forward_saving(params, x, step.dtype)  # (g, M, d)
+            expert_out.index_copy_(0, padding.src, padding.unpack(out).to(expert_out.dtype))
+            if kept is not None:
+                kept.append(saved)
+        return expert_out
+
+    def _second_pass_grouped(
+        self,
+        layer: int,
+        step: _Step,
+        groups: ExpertGroups,
+        h_in: torch.Tensor,
+        kept: list | None,
+        grad_z: torch.Tensor,
+    ) -> torch.Tensor:
+        """``exact``'s second pass, the first pass's groups in reverse order (its last ones are still in the cache):
+        each group's backward in one batched call, each expert clipped and stepped on its own gradient."""
+        grad_h = torch.zeros_like(h_in)  # (N, d)
+        gates = groups.gates.detach()
+        chunks, id_groups = self._expert_groups(layer, groups)
+        P, slots = self.layout.num_params, step.cache.slots
+        stream = step.cache.stream_groups(id_groups[::-1])
+        for index, (ids, group_slots) in zip(reversed(range(len(chunks))), stream):
+            padding = _Padding(groups, chunks[index], h_in.device)
+            token_idx = groups.token_idx[padding.src]  # (pairs,)
+            params = slots[torch.tensor(group_slots, device=slots.device), :P]  # (g, P): a copy, pre-step
+            if kept is not None:
+                saved, kept[index] = kept[index], None  # spent: freed as this layer's backward goes
+            else:  # micro_batch: the group's forward again, now
+                saved = self.layout.grouped_forward_saving(params, padding.pack(h_in[token_idx]), step.dtype)[1]
+            grad_out = padding.pack(gates[padding.src, None] * grad_z[token_idx])  # (g, M, d)
+            records = [slots[slot] for slot in group_slots]
+            grad_in, updated = self.rule.exact_group_step(records, params, grad_out, saved, step.grad_scale)
+            grad_h.index_add_(0, token_idx, padding.unpack(grad_in).to(grad_h.dtype))
+            for expert_id, expert_updated in zip(ids, updated, strict=True):
+                self._after_update(step.cache, expert_id, expert_updated)
         return grad_h
 
     def _after_update(self, cache: ExpertCache, expert_id: int, updated: bool) -> None:
@@ -582,6 +651,49 @@ class PragnosiaLM(LanguageModel):
     @override
     def teardown(self, stage: str) -> None:
         self.residency.flush()
+
+
+def _check_expert_batch(expert_batch: int, expert_cache: int, objective: str, grouped: bool) -> None:
+    if isinstance(expert_batch, bool) or not isinstance(expert_batch, int) or not 1 <= expert_batch <= expert_cache:
+        raise ValueError(
+            f"model.expert_batch ({expert_batch!r}) must be an integer from 1 to model.expert_cache ({expert_cache}): "
+            "a group of experts is on the device at once"
+        )
+    if expert_batch > 1 and objective != "exact":
+        raise ValueError(
+            f"model.expert_batch ({expert_batch}) > 1 works with model.objective exact only: local steps each expert "
+            "on a loss of its own; set expert_batch: 1"
+        )
+    if expert_batch > 1 and not grouped:
+        raise ValueError(
+            f"model.expert_batch ({expert_batch}) > 1 needs an expert class with grouped_forward_saving and "
+            "grouped_backward (the default FeedForward has them); set expert_batch: 1"
+        )
+
+
+class _Padding:
+    """The (token, expert) pairs of the experts at ``positions`` of ``groups``, laid out (g, M, ·): each expert's rows
+    padded with zero rows to M, the group's largest count (at least 1). ``src``: the group's pairs as rows of
+    ``groups`` (pairs,), expert by expert; ``dest``: where each lands in the (g·M) padded rows."""
+
+    def __init__(self, groups: ExpertGroups, positions: list[int], device: torch.device) -> None:
+        offsets = groups.offsets
+        counts = torch.tensor([offsets[p + 1] - offsets[p] for p in positions])  # (g,)
+        self.g, self.M, pairs = len(positions), max(int(counts.max()), 1), int(counts.sum())
+        expert = torch.repeat_interleave(torch.arange(self.g), counts, output_size=pairs)  # (pairs,) 0..g-1
+        within = torch.arange(pairs) - (counts.cumsum(0) - counts)[expert]  # a pair's place among its expert's
+        starts = torch.tensor([offsets[p] for p in positions])
+        self.src = (starts[expert] + within).to(device)  # (pairs,)
+        self.dest = (expert * self.M + within).to(device)  # (pairs,)
+
+    def pack(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (pairs, d) -> (g, M, d), zero on the padding."""
+        padded = rows.new_zeros(self.g * self.M, rows.size(-1))
+        return padded.index_copy_(0, self.dest, rows).view(self.g, self.M, -1)
+
+    def unpack(self, padded: torch.Tensor) -> torch.Tensor:
+        """(g, M, d) -> the group's rows (pairs, d), the padding dropped."""
+        return padded.reshape(self.g * self.M, -1).index_select(0, self.dest)
 
 
 class _Step(NamedTuple):

@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench.engine import PRECISIONS, RECIPES, EngineBenchConfig, run, write_report  # noqa: E402
+from bench.engine import DEFAULT_RECIPES, PRECISIONS, RECIPES, EngineBenchConfig, run, write_report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64, 512, 4096])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES))
     parser.add_argument("--global-moe-max", type=int, default=512, help="largest n for GlobalMoE")
     parser.add_argument(
         "--precisions",

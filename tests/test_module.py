@@ -209,7 +209,8 @@ def test_the_shared_adamw_does_not_decay(tiny, model_class):
 def test_the_option_list_is_short():
     """Issue 17: at most 20 keys (consolidation is one of them, experts_per_domain); each earned by a user or a
     measurement. Issue 25 added host_tier_bytes (the host tier of a store larger than RAM, which its benchmark
-    measures); issue 22 the placement of the expert layers and the vocabulary linked from the data."""
+    measures); issue 22 the placement of the expert layers and the vocabulary linked from the data; issue 23 the
+    experts computed together (fine-grained experts' speed, which its benchmark measures)."""
     assert list(inspect.signature(PragnosiaLM).parameters) == [
         "d_model",
         "n_shared_layers",
@@ -234,4 +235,5 @@ def test_the_option_list_is_short():
         "host_tier_bytes",
         "expert_layers",  # issue 22: expert layers in the trunk's blocks
         "vocab_size",  # issue 22: linked from data.vocab_size (a tokenizer), not typed by the user
+        "expert_batch",  # issue 23: fine-grained experts computed g at a time (their speed goal)
     ]
