@@ -9,7 +9,8 @@ The contenders (:func:`plan_runs`), all from ``configs/streamed.yaml``'s model s
 - ``PragnosiaLM`` ``exact`` at every n (no cap on the experts of a step, 8 device slots, disk store, Adam experts
   at the shared lr), and ``local`` at ``local_num_experts``;
 - the fine-grained recipe (Krajewski et al. 2024) at ``fine_num_experts``: granularity G splits each expert in G
-  (``expert_hidden`` = 4d / G) and routes each token to k·G of them, the same active parameters.
+  (``expert_hidden`` = 4d / G) and routes each token to k·G of them, the same active parameters; G × 8 slots of 1/G
+  the size, 2G experts computed together (``expert_batch``).
 
 Every run sees the same batches (same seed, batch and steps: equal tokens T), starts from the same weights (experts
 from ``(seed, e)``), and gets the same shared AdamW, clipping and schedule: ``lr_warmup_steps`` of warmup, then a
@@ -258,9 +259,11 @@ def build_model(config: FrontierConfig, plan: RunPlan, store_dir: str):
         options = {**recipe, **common, **STREAMED, "local_lr": recipe["lr"]}
         options.update(objective="local" if plan.model == "local" else "exact", num_experts=plan.size)
         if plan.model == "fine":
-            options.update(
+            options.update(  # G × the slots of 1/G the size, computed 2G at a time (bench_engine's exact G=8)
                 expert_hidden=hidden // config.granularity,
                 num_active_experts=recipe["num_active_experts"] * config.granularity,
+                expert_cache=STREAMED["expert_cache"] * config.granularity // 2,
+                expert_batch=2 * config.granularity,
             )
         model = PragnosiaLM(**{**options, "store_dir": store_dir})
     return with_warmup_cosine(model, config.lr_warmup_steps, config.steps)
