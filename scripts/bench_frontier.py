@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-bytes", type=int, help="bytes of data read (default 32,000,000; 0: all)")
     parser.add_argument("--threads", type=int, help="torch CPU threads per run (default 1)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--parallel", type=int, help="runs at a time, each its own process (default 1)")
     parser.add_argument("--timeout-min", type=float, help="stop a run after this many minutes (it resumes later)")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="gpu: the d = 512 size")
     parser.add_argument("--out", type=Path, help="default scripts/results/frontier (quick: required)")
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         seed=args.seed,
         timeout_s=None if args.timeout_min is None else 60 * args.timeout_min,
+        parallel=args.parallel,
     )
     if args.data is not None:
         changes["domains"] = {"code": args.data}

@@ -15,7 +15,7 @@ from pragnosia_pl.faults import CRASH_AT_ENV
 
 def test_quick_mode_writes_a_sane_report_and_resumes(tmp_path, capsys):
     out = tmp_path / "frontier"
-    args = ["--quick", "--global-moe-max", "8", "--out", str(out)]
+    args = ["--quick", "--global-moe-max", "8", "--parallel", "2", "--out", str(out)]
     main(args)
     for name in ("frontier.json", "README.md", "frontier.png", "curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -45,6 +45,7 @@ def test_quick_mode_writes_a_sane_report_and_resumes(tmp_path, capsys):
         assert r["final_bpb"] == r["curve"][-1]["val/bpb"]
         assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0, slug
         assert 50 < r["peak_mib"] < 4096 and r["memory_metric"] == "peak_rss" and r["processes"] == 1, slug
+        assert r["runs_at_once"] == 2, slug  # two at a time, reported in the plan's order all the same
     assert runs["fine_n16"]["touched_per_step"] > runs["exact_n8"]["touched_per_step"] / 2
     # exact is GlobalMoE's update: same seed, same data, same schedule, the same bpb
     assert runs["exact_n8"]["final_bpb"] == pytest.approx(runs["global_moe_n8"]["final_bpb"], abs=1e-4)

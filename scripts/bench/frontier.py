@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -84,6 +85,9 @@ class FrontierConfig:
         threads: torch CPU threads of each run.
         accelerator: ``cpu`` or ``gpu`` (Lightning's accelerator of every run).
         timeout_s: longest one process may run; a run cut there resumes from its checkpoint next time.
+        parallel: runs at a time, each its own process (``threads`` each): on a machine of c cores, c runs take about
+            1/c of the wall time, and each run's wall time and tokens/s are then those of a shared machine (its
+            result records how many ran beside it). Changing it does not change which runs a report may hold.
 
     Raises:
         ValueError: on an unknown model or accelerator, or a size that does not fit.
@@ -112,6 +116,7 @@ class FrontierConfig:
     accelerator: Literal["cpu", "gpu"] = "cpu"
     cache_dir: str | None = None
     timeout_s: float = 8 * 3600
+    parallel: int = 1
 
     def __post_init__(self) -> None:
         self.num_experts = tuple(sorted(set(self.num_experts)))
@@ -124,7 +129,7 @@ class FrontierConfig:
         if self.accelerator not in ("cpu", "gpu"):
             raise ValueError(f"accelerator ({self.accelerator!r}) must be one of: cpu, gpu")
         positive = ("steps", "eval_every", "limit_val_batches", "batch_size", "block_size", "threads")
-        for key in (*positive, "granularity", "checkpoint_every"):
+        for key in (*positive, "granularity", "checkpoint_every", "parallel"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} ({getattr(self, key)}) must be ≥ 1")
         recipe = self.recipe()
@@ -393,6 +398,7 @@ def train_run(config: FrontierConfig, plan: RunPlan, state_dir: Path) -> dict[st
         "params": parameter_counts(model),
         "wall_seconds": ledger.wall_seconds(),
         "processes": ledger.earlier["processes"] + 1,
+        "runs_at_once": config.parallel,  # of the last process (its wall time shared the machine with the others)
         "data": data.summary(),
     }
     peaks = ledger.peaks()
@@ -465,7 +471,9 @@ def load_report(config: FrontierConfig, path: Path, command: str) -> dict[str, A
         # the RUN_CHOICES only choose which runs there are: a run's result does not depend on them, so a report may
         # gain runs (a larger n, another model) under the union of the choices
         keys = sorted(
-            k for k in wanted if k not in (*RUN_CHOICES, "timeout_s") and report["config"].get(k) != wanted[k]
+            k
+            for k in wanted
+            if k not in (*RUN_CHOICES, "timeout_s", "parallel") and report["config"].get(k) != wanted[k]
         )
         if keys:
             raise ValueError(
@@ -505,13 +513,24 @@ def run(config: FrontierConfig, out: Path, command: str = "", log=print) -> dict
     todo = [plan for plan in plans if plan.slug not in report["runs"]]
     if len(todo) < len(plans):
         log(f"frontier: resuming {path}: {len(plans) - len(todo)} of {len(plans)} runs done")
-    with tqdm(total=len(plans), initial=len(plans) - len(todo), desc="frontier", unit="run") as bar:
+    order = [plan.slug for plan in plans]
+    with (
+        tqdm(total=len(plans), initial=len(plans) - len(todo), desc="frontier", unit="run") as bar,
+        ThreadPoolExecutor(max_workers=config.parallel) as pool,
+    ):
+        running = {}
         for plan in todo:
             state_dir = out / STATE / plan.slug
             resumed = (state_dir / "checkpoints" / "last.ckpt").is_file()
-            bar.set_postfix_str(plan.label + (" (resumed)" if resumed else ""))
-            result = run_isolated(config, plan, state_dir)
-            report["runs"][plan.slug] = result
+            bar.write(f"frontier: {plan.label}" + (" (resumed from its checkpoint)" if resumed else "") + " queued")
+            running[pool.submit(run_isolated, config, plan, state_dir)] = (plan, state_dir)
+        for future in as_completed(running):
+            plan, state_dir = running[future]
+            result = future.result()  # a failure raises here; the runs still going finish first (the pool's exit)
+            runs = {**report["runs"], plan.slug: result}  # in the plan's order, whatever order they finished in
+            report["runs"] = {
+                slug: runs[slug] for slug in sorted(runs, key=lambda s: order.index(s) if s in order else len(order))
+            }
             report["updated"] = time.strftime("%Y-%m-%d %H:%M")
             write_report(report, out)
             shutil.rmtree(state_dir, ignore_errors=True)  # its store may be gigabytes; the JSON holds the result
