@@ -244,13 +244,15 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(corpus
 
     config = str(write_config(corpus, tmp_path, "crashed", store))
     ckpt_dir = tmp_path / "crashed" / "ckpt"
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = int(os.environ.get("FAULT_SEED", int.from_bytes(os.urandom(4), "little")))  # FAULT_SEED: replay a failure
     rng = random.Random(seed)
     trials = [
         ("a random moment", {}),
         ("an expert record's write-back", {"PRAGNOSIA_CRASH_AT": f"store-write:{rng.randint(12, 30)}"}),
         ("a checkpoint file's write", {"PRAGNOSIA_CRASH_AT": "checkpoint-write:2"}),
-        ("a store snapshot's write", {"PRAGNOSIA_CRASH_AT": "snapshot-write:2"}),
+        # the first snapshot after resuming: the trials before may leave a single save to go (seed 1040539609 left
+        # step 35 of 40, and a kill at the second snapshot never came)
+        ("a store snapshot's write", {"PRAGNOSIA_CRASH_AT": "snapshot-write:1"}),
     ]
     for attempt, (moment, env) in enumerate(trials):
         resume = ["--ckpt_path", "last"] if attempt else []
