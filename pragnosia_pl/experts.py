@@ -64,34 +64,8 @@ class FlatAdam:
     def state_numel(self, num_params: int) -> int:
         return 2 * num_params
 
-    @torch.no_grad()
     def step(self, param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor, step: torch.Tensor) -> None:
-        beta1, beta2 = self.betas
-        exp_avg, exp_avg_sq = state.chunk(2)
-        step.add_(1)
-        if _FUSED_ADAM is not None:  # one pass over the record instead of eight: the kernel AdamW(fused=True) runs
-            _FUSED_ADAM(
-                [param],
-                [grad],
-                [exp_avg],
-                [exp_avg_sq],
-                [],
-                [step],
-                lr=self.lr,
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=0.0,
-                eps=self.eps,
-                amsgrad=False,
-                maximize=False,
-            )
-            return
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias1 = 1 - torch.pow(beta1, step)  # (1,) stays on the device: no host sync
-        bias2 = 1 - torch.pow(beta2, step)
-        denom = (exp_avg_sq / bias2).sqrt_().add_(self.eps)
-        param.addcdiv_(exp_avg, denom * bias1, value=-self.lr)
+        self.step_group([param], [grad], [state], [step])
 
     @torch.no_grad()
     def step_group(
@@ -102,28 +76,35 @@ class FlatAdam:
         steps: list[torch.Tensor],
     ) -> None:
         """:meth:`step` of several experts (one flat parameter vector, state and step counter each): one fused
-        kernel call for all of them, the same arithmetic per element."""
-        if _FUSED_ADAM is None:
-            for param, grad, state, step in zip(params, grads, states, steps, strict=True):
-                self.step(param, grad, state, step)
-            return
+        kernel call for all of them (one pass over each record instead of eight: the kernel AdamW(fused=True)
+        runs), the same arithmetic per element."""
+        beta1, beta2 = self.betas
         moments = [state.chunk(2) for state in states]
         torch._foreach_add_(steps, 1)
-        _FUSED_ADAM(
-            params,
-            grads,
-            [m[0] for m in moments],
-            [m[1] for m in moments],
-            [],
-            steps,
-            lr=self.lr,
-            beta1=self.betas[0],
-            beta2=self.betas[1],
-            weight_decay=0.0,
-            eps=self.eps,
-            amsgrad=False,
-            maximize=False,
-        )
+        if _FUSED_ADAM is not None:
+            _FUSED_ADAM(
+                params,
+                grads,
+                [m[0] for m in moments],
+                [m[1] for m in moments],
+                [],
+                steps,
+                lr=self.lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
+            )
+            return
+        for param, grad, (exp_avg, exp_avg_sq), step in zip(params, grads, moments, steps, strict=True):
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias1 = 1 - torch.pow(beta1, step)  # (1,) stays on the device: no host sync
+            bias2 = 1 - torch.pow(beta2, step)
+            denom = (exp_avg_sq / bias2).sqrt_().add_(self.eps)
+            param.addcdiv_(exp_avg, denom * bias1, value=-self.lr)
 
 
 MAX_SEED = 2**23  # seeds 0 ≤ s < 2^23: with expert ids below 2^40, (s, e) -> s·2^40 + e is one-to-one in 2^63
